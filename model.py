@@ -1,0 +1,684 @@
+"""The minWM DiT: Wan2.1's transformer written out by hand, plus PRoPE cameras and three attention modes.
+
+Read top to bottom:
+  1. ModelConfig and PRESETS ("tiny" = the embedded procedural world, "wan2.1-t2v-1.3b" = the real model)
+  2. small pieces: sinusoidal time embedding, Wan's 3D RoPE (interleaved pairs), LayerNorm in fp32
+  3. the attention function and the three modes (DESIGN §2):
+       bidirectional  - every token sees every token (Phase 1, DMD's real and fake scores)
+       teacher forcing - the sequence [clean F frames | noisy F frames] under a block-causal mask (Stage 1-2)
+       cached rollout  - a chunk attends to a preallocated per-layer KV cache (sink + local window) (infer, DMD)
+  4. the Wan block (adaLN-zero style 6-way modulation, self-attn + cross-attn + FFN) and the DiT
+  5. the flow-matching schedule and the samplers (bidirectional Euler, chunked AR rollout)
+  6. checkpoint loading: Wan original / diffusers layouts, shards, minWM checkpoints, CausVid-lineage .pt
+
+Parameter names follow the ORIGINAL Wan layout (`blocks.0.self_attn.q.weight`), so Wan, CausVid,
+Self-Forcing and minWM checkpoints load without renaming; diffusers names are converted on load.
+"""
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import prope
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. config
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 128
+    ffn_dim: int = 512
+    num_heads: int = 2
+    num_layers: int = 4
+    in_channels: int = 25  # = out_channels (+ out_channels + 1 with image_cond: noisy | cond latent | mask)
+    out_channels: int = 12  # channels of the latents x
+    patch_size: tuple = (1, 2, 2)
+    text_dim: int = 64
+    freq_dim: int = 64
+    eps: float = 1e-6
+    cross_attn_norm: bool = True  # LayerNorm with affine before cross-attention (Wan's norm3)
+    rope_theta: float = 10000.0
+    image_cond: bool = True  # TI2V: channel-concat a condition latent and a mask
+    prope: str = "inline"  # "none" | "branch" (parallel attention, zero-init proj) | "inline" (GTA)
+    prope_dim: int = 0  # inline only: channels per head under the projective transform (0 = head_dim // 2)
+    chunk: int = 2  # latent frames per AR chunk
+
+    def __post_init__(self):
+        self.patch_size = tuple(self.patch_size)
+        if self.dim % self.num_heads:
+            raise ValueError(f"ModelConfig: dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.prope not in ("none", "branch", "inline"):
+            raise ValueError(f"ModelConfig.prope must be none|branch|inline, got {self.prope!r}")
+        want = 2 * self.out_channels + 1 if self.image_cond else self.out_channels
+        if self.in_channels != want:
+            raise ValueError(f"ModelConfig: in_channels {self.in_channels} != {want} "
+                             f"(out_channels {self.out_channels}, image_cond {self.image_cond})")
+        if self.prope == "inline":
+            pd = self.inline_prope_dim
+            if pd % 4 or not 0 < pd < self.head_dim or (self.head_dim - pd) % 2:
+                raise ValueError(f"ModelConfig.prope_dim {pd} must be a multiple of 4 inside head_dim {self.head_dim}")
+        elif self.prope == "branch" and self.head_dim % 4:
+            raise ValueError(f"ModelConfig: PRoPE needs head_dim % 4 == 0, got {self.head_dim}")
+
+    @property
+    def head_dim(self):
+        return self.dim // self.num_heads
+
+    @property
+    def inline_prope_dim(self):
+        return (self.prope_dim or self.head_dim // 2) if self.prope == "inline" else 0
+
+
+PRESETS = {
+    # The embedded world: 32x32 frames -> pixel codec x2 -> 12 x 16 x 16 latents -> 8 x 8 tokens per frame.
+    "tiny": dict(),
+    "wan2.1-t2v-1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_channels=16,
+                            out_channels=16, patch_size=(1, 2, 2), text_dim=4096, freq_dim=256, eps=1e-6,
+                            image_cond=False, prope="none", chunk=4),
+}
+
+
+def make_config(preset="tiny", **overrides):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[preset], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. small pieces
+
+
+def sinusoidal(t, dim):
+    """Wan's timestep embedding: [cos, sin] of t * 10000^(-i/half). t: (...,) -> (..., dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = t.double()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], -1).float()
+
+
+def rope_split(d):
+    """Wan's split of d rotary channels into (t, h, w): h = w = 2*(d//6), t = the rest (44/42/42 for 128)."""
+    h = 2 * (d // 6)
+    return d - 2 * h, h, h
+
+
+def rope_tables(d, frames, h, w, theta, device):
+    """cos, sin of 3D RoPE for the token grid (frames x h x w); frames: (F,) absolute frame positions.
+
+    Returns two (F*h*w, d//2) tensors: one angle per interleaved channel pair.
+    """
+    parts = []
+    for dim_i, pos in zip(rope_split(d), (frames.double(), torch.arange(h, device=device).double(),
+                                          torch.arange(w, device=device).double())):
+        inv = 1.0 / theta ** (torch.arange(0, dim_i, 2, dtype=torch.float64, device=device) / dim_i)
+        parts.append(torch.outer(pos, inv))  # (n, dim_i // 2)
+    F_ = len(frames)
+    ang = torch.cat([parts[0][:, None, None].expand(F_, h, w, -1), parts[1][None, :, None].expand(F_, h, w, -1),
+                     parts[2][None, None, :].expand(F_, h, w, -1)], -1).reshape(F_ * h * w, -1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs (x[2i], x[2i+1]). x: (B, H, N, d); cos, sin: (N, d//2)."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, N, d//2) each
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def layer_norm(x, eps, weight=None, bias=None):
+    """Wan runs its LayerNorms in fp32."""
+    return F.layer_norm(x.float(), x.shape[-1:], None if weight is None else weight.float(),
+                        None if bias is None else bias.float(), eps).to(x.dtype)
+
+
+def modulate(x, shift, scale, frames):
+    """x (B, N, D) with N = frames * tokens; shift/scale (B, Ft, D) with Ft = 1 or frames."""
+    B, N, D = x.shape
+    Ft = shift.shape[1]
+    y = x.view(B, Ft, N // Ft, D) * (1 + scale[:, :, None]) + shift[:, :, None]
+    return y.view(B, N, D)
+
+
+def gate(x, g):
+    B, N, D = x.shape
+    return (x.view(B, g.shape[1], -1, D) * g[:, :, None]).view(B, N, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. attention: one function, three callers
+
+
+def attention(q, k, v, mask=None):
+    """q (B, H, Nq, D), k/v (B, H, Nk, D); mask: bool (Nq, Nk) or (1, Nk), True = may attend."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def teacher_forcing_mask(frames, chunk, tokens_per_frame, device=None):
+    """Block-causal mask over [clean (frames) | noisy (frames)] tokens (Stage 1, teacher forcing).
+
+    A clean token in chunk i sees clean chunks <= i; a noisy token in chunk i sees clean chunks < i
+    and its own noisy chunk. Returns bool (2N, 2N), N = frames * tokens_per_frame.
+    """
+    c = torch.arange(frames, device=device) // chunk  # chunk id of each frame
+    qi, kj = c[:, None], c[None, :]
+    clean_clean = kj <= qi
+    noisy_clean = kj < qi
+    noisy_noisy = kj == qi
+    top = torch.cat([clean_clean, torch.zeros_like(clean_clean)], 1)
+    bottom = torch.cat([noisy_clean, noisy_noisy], 1)
+    m = torch.cat([top, bottom], 0)  # (2F, 2F) at frame level
+    return m.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+class KVCache:
+    """Per-layer preallocated keys/values for a chunk-by-chunk rollout (DESIGN §2, mode 3).
+
+    Slots, in frames: [sink | window (ring) | scratch (one chunk)]. The chunk being denoised writes
+    its K/V into the scratch slots on every step; the final t = 0 pass (`commit=True`) copies its
+    clean K/V into the sink or ring slots. Keys are stored after RoPE (absolute positions) and after
+    PRoPE, so nothing in the cache is recomputed. Memory stays flat however long the rollout.
+    """
+
+    def __init__(self, cfg, batch, tokens_per_frame, sink=1, window=64, chunk=None, device=None, dtype=torch.float32):
+        self.tpf, self.sink, self.window, self.chunk = tokens_per_frame, sink, window, chunk or cfg.chunk
+        self.slots = sink + window + self.chunk  # in frames
+        S = self.slots * tokens_per_frame
+        shape = (batch, cfg.num_heads, S, cfg.head_dim)
+        n = 4 if cfg.prope == "branch" else 2  # k, v (+ k, v of the PRoPE branch)
+        self.kv = [[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)] for _ in range(cfg.num_layers)]
+        self.valid = torch.zeros(S, dtype=torch.bool, device=device)
+        self.frames_written = 0  # absolute index of the next frame to commit
+
+    def slot_of(self, frame):
+        return frame if frame < self.sink else self.sink + (frame - self.sink) % self.window
+
+    def attend(self, layer, new, n_frames, commit):
+        """Write the chunk's tensors into the scratch slots; return views over the whole buffer and the mask."""
+        bufs = self.kv[layer]
+        n = n_frames * self.tpf
+        s0 = (self.sink + self.window) * self.tpf
+        for buf, x in zip(bufs, new):
+            buf[:, :, s0:s0 + n] = x
+        mask = self.valid.clone()
+        mask[s0:s0 + n] = True
+        if commit:  # the clean pass: this chunk becomes context for the next ones
+            for f in range(n_frames):
+                s = self.slot_of(self.frames_written + f) * self.tpf
+                for buf, x in zip(bufs, new):
+                    buf[:, :, s:s + self.tpf] = x[:, :, f * self.tpf:(f + 1) * self.tpf]
+        return bufs, (None if bool(mask.all()) else mask[None])
+
+    def advance(self, n_frames):
+        for f in range(n_frames):
+            s = self.slot_of(self.frames_written + f) * self.tpf
+            self.valid[s:s + self.tpf] = True
+        self.frames_written += n_frames
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q, self.norm_k = nn.RMSNorm(d, eps=cfg.eps), nn.RMSNorm(d, eps=cfg.eps)  # across heads
+        if cfg.prope == "branch":
+            self.prope_proj = nn.Linear(d, d)
+            nn.init.zeros_(self.prope_proj.weight)  # at step 0 the fine-tuned model == the base model
+            nn.init.zeros_(self.prope_proj.bias)
+
+    def forward(self, x, pos, layer=0):
+        # x: (B, N, dim); pos: per-forward geometry (rope tables, PRoPE matrices, mask, cache)
+        B, N, _ = x.shape
+        H, D, pd = self.cfg.num_heads, self.cfg.head_dim, self.cfg.inline_prope_dim
+        split = lambda t: t.view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
+        q, k, v = split(self.norm_q(self.q(x))), split(self.norm_k(self.k(x))), split(self.v(x))
+        cams = pos["cams"]  # (P, P_inv), each (B, F, 4, 4), or None
+        new = []
+        if pd and cams is not None:  # inline: channels [:pd] projective, [pd:] RoPE (GTA form)
+            P, Pi = cams
+            qr = torch.cat([prope.apply(q[..., :pd], P.mT), apply_rope(q[..., pd:], *pos["rope"])], -1)
+            kr = torch.cat([prope.apply(k[..., :pd], Pi), apply_rope(k[..., pd:], *pos["rope"])], -1)
+            vr = torch.cat([prope.apply(v[..., :pd], Pi), v[..., pd:]], -1)
+        elif pd:  # inline model run without cameras: projective channels stay untransformed
+            qr = torch.cat([q[..., :pd], apply_rope(q[..., pd:], *pos["rope"])], -1)
+            kr = torch.cat([k[..., :pd], apply_rope(k[..., pd:], *pos["rope"])], -1)
+            vr = v
+        else:
+            qr, kr, vr = apply_rope(q, *pos["rope"]), apply_rope(k, *pos["rope"]), v
+        new = [kr, vr]
+        branch = self.cfg.prope == "branch" and cams is not None
+        if branch:  # parallel attention on the pre-RoPE q, k, v under the full projective transform
+            P, Pi = cams
+            qb = prope.apply(q, P.mT)
+            new += [prope.apply(k, Pi), prope.apply(v, Pi)]
+        mask = pos["mask"]
+        if pos["cache"] is not None:
+            new, mask = pos["cache"].attend(layer, new, pos["n_frames"], pos["commit"])
+        o = attention(qr, new[0], new[1], mask)  # (B, H, N, D)
+        if pd and cams is not None:
+            o = torch.cat([prope.apply(o[..., :pd], cams[0]), o[..., pd:]], -1)
+        out = self.o(o.transpose(1, 2).reshape(B, N, -1))
+        if branch:
+            ob = prope.apply(attention(qb, new[2], new[3], mask), cams[0])
+            out = out + self.prope_proj(ob.transpose(1, 2).reshape(B, N, -1))
+        return out
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, self.H = cfg.dim, cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q, self.norm_k = nn.RMSNorm(d, eps=cfg.eps), nn.RMSNorm(d, eps=cfg.eps)
+
+    def forward(self, x, context):  # x (B, N, dim), context (B, L, dim)
+        B, N, d = x.shape
+        split = lambda t: t.view(B, t.shape[1], self.H, -1).transpose(1, 2)
+        q = split(self.norm_q(self.q(x)))
+        k, v = split(self.norm_k(self.k(context))), split(self.v(context))
+        return self.o(attention(q, k, v).transpose(1, 2).reshape(B, N, d))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. the Wan block and the DiT
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.eps = cfg.eps
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, e, context, pos, layer):
+        # x (B, N, dim); e (B, Ft, 6, dim) from the time projection; context (B, L, dim)
+        shift, scale, g, c_shift, c_scale, c_g = (self.modulation.float()[:, None] + e.float()).unbind(2)
+        F_ = pos["n_frames"]
+        y = self.self_attn(modulate(layer_norm(x, self.eps), shift, scale, F_), pos, layer)
+        x = x + gate(y, g)
+        n3 = self.norm3
+        xn = layer_norm(x, self.eps, n3.weight, n3.bias) if isinstance(n3, nn.LayerNorm) else x
+        x = x + self.cross_attn(xn, context)
+        y = self.ffn(modulate(layer_norm(x, self.eps), c_shift, c_scale, F_))
+        return x + gate(y, c_g)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, temb, frames):  # temb (B, Ft, dim)
+        shift, scale = (self.modulation.float()[:, None] + temb.float()[:, :, None]).unbind(2)
+        return self.head(modulate(layer_norm(x, self.eps), shift, scale, frames))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, d, cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # -- input checks: one-line ValueErrors instead of deep torch tracebacks
+    def _check(self, x, t, context, cameras, cond):
+        cfg = self.cfg
+        if x.ndim != 5:
+            raise ValueError(f"DiT: x must be (B, C, F, H, W), got shape {tuple(x.shape)}")
+        B, C, F_, H, W = x.shape
+        if C != cfg.out_channels:
+            raise ValueError(f"DiT: x has {C} latent channels, the model expects {cfg.out_channels}")
+        pt, ph, pw = cfg.patch_size
+        if F_ % pt or H % ph or W % pw:
+            raise ValueError(f"DiT: latent size (F={F_}, H={H}, W={W}) is not divisible by the patch {cfg.patch_size}")
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.text_dim:
+            raise ValueError(f"DiT: context must be (B={B}, L, {cfg.text_dim}), got {tuple(context.shape)}")
+        if t.shape not in ((B,), (B, F_ // pt)):
+            raise ValueError(f"DiT: t must be (B,) or (B, F) = ({B}, {F_ // pt}), got {tuple(t.shape)}")
+        if cameras is not None and cameras.w2c.shape[:2] != (B, F_ // pt):
+            raise ValueError(f"DiT: cameras cover {tuple(cameras.w2c.shape[:2])} (B, F), x has ({B}, {F_ // pt})")
+        if cond is not None and cond.shape != (B, cfg.in_channels - C, F_, H, W):
+            raise ValueError(f"DiT: cond must be {(B, cfg.in_channels - C, F_, H, W)}, got {tuple(cond.shape)}")
+
+    def embed(self, x, cond):
+        """(B, C, F, H, W) -> tokens (B, F*h*w, dim), frame-major."""
+        if self.cfg.image_cond:
+            if cond is None:
+                cond = x.new_zeros(x.shape[0], self.cfg.in_channels - x.shape[1], *x.shape[2:])
+            x = torch.cat([x, cond.to(x.dtype)], 1)
+        return self.patch_embedding(x).flatten(2).transpose(1, 2)
+
+    def forward(self, x, t, context, cameras=None, cond=None, *, clean=None, cache=None, commit=False,
+                frame_offset=0):
+        """Predict the flow-matching velocity v = noise - x0 (same shape as x).
+
+        x: (B, C, F, H, W) latents; t: (B,) or per-frame (B, F) on the 0..1000 scale;
+        context: (B, L, text_dim) text embeddings (padding them is the caller's job);
+        cameras: prope.Cameras of the F frames; cond: (B, in_channels - C, F, H, W) or None (zeros).
+        Modes: default bidirectional; `clean=` (B, C, F, H, W) -> teacher forcing over [clean | x] with
+        the block-causal mask, returns the prediction for x; `cache=` a KVCache -> x is the chunk that
+        starts at absolute frame `frame_offset`, `commit=True` stores its K/V as context.
+        """
+        self._check(x, t, context, cameras, cond)
+        cfg = self.cfg
+        B, C, F_, H, W = x.shape
+        pt, ph, pw = cfg.patch_size
+        f, h, w = F_ // pt, H // ph, W // pw
+        tokens = self.embed(x, cond)  # (B, f*h*w, dim)
+        t = t.float()
+        if t.ndim == 1:
+            t = t[:, None]  # (B, 1): one timestep for all frames
+        frames = torch.arange(f, device=x.device) + frame_offset
+        cams = cameras.matrices() if cameras is not None else None  # (P, P_inv), each (B, f, 4, 4)
+        mask = None
+        n_frames = f
+        if clean is not None:  # teacher forcing: [clean | noisy] share positions and cameras
+            tokens = torch.cat([self.embed(clean, cond), tokens], 1)
+            t = torch.cat([torch.zeros_like(t.expand(B, f)), t.expand(B, f)], 1)  # (B, 2f)
+            frames = torch.cat([frames, frames])
+            cams = None if cams is None else (torch.cat([cams[0]] * 2, 1), torch.cat([cams[1]] * 2, 1))
+            mask = teacher_forcing_mask(f, cfg.chunk // pt or 1, h * w, x.device)
+            n_frames = 2 * f
+        rd = cfg.head_dim - cfg.inline_prope_dim
+        pos = dict(rope=rope_tables(rd, frames, h, w, cfg.rope_theta, x.device), cams=cams, mask=mask,
+                   cache=cache, commit=commit, n_frames=n_frames)
+        temb = self.time_embedding(sinusoidal(t, cfg.freq_dim))  # (B, Ft, dim)
+        e = self.time_projection(temb).unflatten(-1, (6, cfg.dim))  # (B, Ft, 6, dim)
+        ctx = self.text_embedding(context)  # (B, L, dim)
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, e, ctx, pos, i)
+        if cache is not None and commit:
+            cache.advance(f)
+        out = self.head(tokens, temb, n_frames)  # (B, N, C*pt*ph*pw)
+        if clean is not None:
+            out = out[:, out.shape[1] // 2:]
+        out = out.view(B, f, h, w, pt, ph, pw, C).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(B, C, F_, H, W)
+
+    def new_cache(self, batch, height, width, sink=1, window=64, device=None, dtype=torch.float32):
+        """A KV cache for latents of (height, width); sink + window in latent frames."""
+        tpf = (height // self.cfg.patch_size[1]) * (width // self.cfg.patch_size[2])
+        return KVCache(self.cfg, batch, tpf, sink, window, device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. flow matching: schedule and samplers (DESIGN §2)
+#    sigma in [0, 1], t = 1000 sigma, x_t = (1 - sigma) x0 + sigma noise, v = noise - x0, x0 = x_t - sigma v
+
+
+def shift_sigma(sigma, shift):
+    """The shifted schedule sigma' = s sigma / (1 + (s - 1) sigma): more steps spent at high noise."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def euler_sigmas(steps, shift=1.0):
+    """steps + 1 decreasing sigmas from 1 to 0 (many-step Euler sampling)."""
+    return shift_sigma(torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift).tolist()
+
+
+def few_step_sigmas(timesteps=(1000, 750, 500, 250), shift=1.0):
+    """The few-step list warped through the shifted schedule, with a final 0 appended."""
+    return [float(shift_sigma(torch.tensor(t / 1000.0, dtype=torch.float64), shift)) for t in timesteps] + [0.0]
+
+
+def add_noise(x0, noise, sigma):
+    """sigma: a float or (B,) / (B, 1, F, 1, 1)-broadcastable tensor."""
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def _t(sigma, B, device):
+    return torch.full((B,), 1000.0 * sigma, device=device)
+
+
+@torch.no_grad()
+def sample_bidir(model, noise, context, cameras=None, cond=None, sigmas=None, guidance=1.0, uncond=None, progress=None):
+    """Euler integration of the PF-ODE over the whole clip (bidirectional mode), optional CFG."""
+    x = noise
+    B = x.shape[0]
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        v = model(x, _t(s, B, x.device), context, cameras, cond)
+        if guidance != 1.0:  # classifier-free guidance against the unconditional (null-text) prediction
+            v_u = model(x, _t(s, B, x.device), uncond if uncond is not None else torch.zeros_like(context), cameras, cond)
+            v = v_u + guidance * (v - v_u)
+        x = x + (s_next - s) * v
+        if progress is not None:
+            progress()
+    return x
+
+
+@torch.no_grad()
+def sample_ar(model, noise, context, cameras=None, cond=None, sigmas=None, renoise=False, sink=1, window=64,
+              generator=None, on_chunk=None, cache=None):
+    """Chunk-by-chunk AR rollout through the KV cache (infer, DMD, the control metric).
+
+    Each chunk is denoised over `sigmas` attending to the cache, then re-run once at t = 0 with
+    `commit=True` to write its clean K/V. renoise=False: Euler steps (many-step sampling of the AR
+    diffusion model); renoise=True: the few-step sampler - predict x0, re-noise to the next sigma with
+    fresh noise (DESIGN §2). on_chunk(x_chunk, start) is called as soon as each chunk is ready.
+    """
+    B, C, F_, H, W = noise.shape
+    chunk = model.cfg.chunk
+    if cache is None:
+        cache = model.new_cache(B, H, W, sink=sink, window=window, device=noise.device, dtype=noise.dtype)
+    out = []
+    for start in range(0, F_, chunk):
+        stop = min(start + chunk, F_)
+        x = noise[:, :, start:stop]
+        cams = cameras.frames(start, stop) if cameras is not None else None
+        cnd = cond[:, :, start:stop] if cond is not None else None
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            v = model(x, _t(s, B, x.device), context, cams, cnd, cache=cache, frame_offset=start)
+            if renoise:
+                x0 = x - s * v
+                eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if s_next > 0 else 0
+                x = add_noise(x0, eps, s_next)
+            else:
+                x = x + (s_next - s) * v
+        model(x, _t(0.0, B, x.device), context, cams, cnd, cache=cache, commit=True, frame_offset=start)
+        out.append(x)
+        if on_chunk is not None:
+            on_chunk(x, start)
+    return torch.cat(out, 2)
+
+
+def image_cond(first, frames):
+    """TI2V condition: the first latent frame copied into every frame's channels + a frame-0 mask.
+
+    first: (B, C, H, W) -> (B, C + 1, F, H, W). Copying frame 0 everywhere (not only at frame 0) lets
+    every chunk of an AR rollout see the image directly (DESIGN §4: it helped the CPU prototypes).
+    """
+    B, C, H, W = first.shape
+    cond = first[:, :, None].expand(B, C, frames, H, W)
+    mask = torch.zeros(B, 1, frames, H, W, dtype=first.dtype, device=first.device)
+    mask[:, :, 0] = 1
+    return torch.cat([cond, mask], 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. loading real checkpoints: Wan2.1 original / diffusers layouts, shards, minWM, CausVid-lineage .pt
+
+# diffusers WanTransformer3DModel name -> original Wan name (note diffusers' norm2 is Wan's norm3)
+_DIFFUSERS_TO_WAN = [
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^(blocks\.\d+)\.attn1\.to_out\.0\.", r"\1.self_attn.o."),
+    (r"^(blocks\.\d+)\.attn2\.to_out\.0\.", r"\1.cross_attn.o."),
+    (r"^(blocks\.\d+)\.attn1\.to_([qkv])\.", r"\1.self_attn.\2."),
+    (r"^(blocks\.\d+)\.attn2\.to_([qkv])\.", r"\1.cross_attn.\2."),
+    (r"^(blocks\.\d+)\.attn1\.(norm_[qk])\.", r"\1.self_attn.\2."),
+    (r"^(blocks\.\d+)\.attn2\.(norm_[qk])\.", r"\1.cross_attn.\2."),
+    (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),
+    (r"^(blocks\.\d+)\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
+    (r"^(blocks\.\d+)\.ffn\.net\.2\.", r"\1.ffn.2."),
+    (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
+    (r"^proj_out\.", "head.head."),
+    (r"^scale_shift_table$", "head.modulation"),
+]
+
+# key fragments of other architectures, so a wrong file is refused in one line
+_OTHER_ARCHS = [
+    ("double_blocks.", "a HunyuanVideo-1.5 / HY-WorldPlay MMDiT checkpoint (double_blocks.*)"),
+    ("transformer_blocks.", "a diffusers transformer of another family (transformer_blocks.*)"),
+    ("encoder.block.", "a T5 / UMT5 text encoder"),
+    ("decoder.conv_in.", "a VAE"),
+    ("lm_head.", "a language model"),
+]
+
+
+def diffusers_to_wan(sd):
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in _DIFFUSERS_TO_WAN:
+            k2 = re.sub(pat, rep, k)
+            if k2 != k:
+                k = k2
+                break
+        out[k] = v
+    return out
+
+
+def _read_safetensors(path):
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except Exception as e:  # truncated / corrupt / not a safetensors file
+        raise ValueError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def _read_weights(path):
+    """-> (state dict in whatever layout the file has, config dict or None, config kind)."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        cfg_path = os.path.join(path, "config.json")
+        cfg = json.load(open(cfg_path)) if os.path.exists(cfg_path) else None
+        index = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors.index.json")]
+        if index:
+            weight_map = json.load(open(os.path.join(path, index[0])))["weight_map"]
+            sd = {}
+            for shard in sorted(set(weight_map.values())):
+                sd.update(_read_safetensors(os.path.join(path, shard)))
+        else:
+            files = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+            if not files:
+                raise ValueError(f"{path}: folder holds no .safetensors weights")
+            if len(files) > 1:
+                raise ValueError(f"{path}: several .safetensors files but no *.safetensors.index.json: {files}")
+            sd = _read_safetensors(os.path.join(path, files[0]))
+        return sd, cfg, "folder"
+    if path.endswith(".json"):  # a minWM checkpoint named by its JSON
+        path = path[:-5] + ".safetensors"
+    if path.endswith((".pt", ".pth", ".bin")):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({str(e).splitlines()[0]})") from None
+        for key in ("generator_ema", "generator", "model", "state_dict", "module"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: holds no state dict")
+        return obj, None, "pt"
+    sd = _read_safetensors(path)
+    meta_path = path[: -len(".safetensors")] + ".json"
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None
+    return sd, meta, "minwm" if meta and "model" in meta else "file"
+
+
+def _config_from(sd, cfg_json, kind, overrides):
+    """ModelConfig from a minWM JSON, a diffusers / Wan config.json, or the tensor shapes."""
+    names = {f.name for f in fields(ModelConfig)}
+    if kind == "minwm":
+        return ModelConfig(**{**{k: v for k, v in cfg_json["model"].items() if k in names}, **overrides})
+    pw = sd["patch_embedding.weight"]  # (dim, in, pt, ph, pw)
+    dim, in_ch, patch = pw.shape[0], pw.shape[1], tuple(pw.shape[2:])
+    out_ch = sd["head.head.weight"].shape[0] // math.prod(patch)
+    heads = None
+    if cfg_json and "num_attention_heads" in cfg_json:  # diffusers config.json
+        if cfg_json.get("added_kv_proj_dim") or cfg_json.get("image_dim"):
+            raise ValueError("Wan I2V checkpoints (image cross-attention) are not supported; use a T2V model")
+        heads = cfg_json["num_attention_heads"]
+    elif cfg_json and "num_heads" in cfg_json:  # the original Wan release's config.json
+        heads = cfg_json["num_heads"]
+    heads = overrides.pop("num_heads", None) or heads or max(1, dim // 128)  # Wan's head_dim is 128
+    cfg = dict(dim=dim, ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0], num_heads=heads,
+               num_layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
+               in_channels=in_ch, out_channels=out_ch, patch_size=patch,
+               text_dim=sd["text_embedding.0.weight"].shape[1], freq_dim=sd["time_embedding.0.weight"].shape[1],
+               cross_attn_norm="blocks.0.norm3.weight" in sd, image_cond=in_ch == 2 * out_ch + 1,
+               prope="branch" if any("prope" in k for k in sd) else "none", eps=(cfg_json or {}).get("eps", 1e-6))
+    return ModelConfig(**{**cfg, **overrides})
+
+
+def load_state(model, sd, source="checkpoint", allow_missing=()):
+    """Strict load that names missing / unexpected / mis-shaped keys instead of a torch traceback."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not any(a in k for a in allow_missing)]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped (file vs model)", shapes)):
+        if keys:
+            problems.append(f"{len(keys)} {what}: " + ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else ""))
+    if problems:
+        raise ValueError(f"{source}: does not fit the model: " + "; ".join(problems))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
+    return model
+
+
+def load_pretrained(path, use_ema=True, device="cpu", **overrides):
+    """Load a DiT from any supported checkpoint; returns the model (with .cfg).
+
+    path: a .safetensors file (Wan original or diffusers names; a minWM checkpoint when NAME.json sits
+    beside it), a folder (diffusers `save_pretrained` with config.json, or shards with a
+    *.safetensors.index.json), or a CausVid / Self-Forcing / Causal-Forcing .pt (generator_ema or
+    generator; read with weights_only=True). overrides: ModelConfig fields, e.g. prope="branch" to add a
+    zero-initialized PRoPE branch to a base model, or num_heads for a headless original-layout file.
+    """
+    sd, cfg_json, kind = _read_weights(str(path))
+    if use_ema and any(k.startswith("ema.") for k in sd):
+        sd = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}
+    else:
+        sd = {k: v for k, v in sd.items() if not k.startswith("ema.")}
+    for prefix in ("model.diffusion_model.", "_fsdp_wrapped_module.", "module.", "model."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    if "blocks.0.attn1.to_q.weight" in sd:
+        sd = diffusers_to_wan(sd)
+    if "blocks.0.self_attn.q.weight" not in sd or "patch_embedding.weight" not in sd:
+        for frag, what in _OTHER_ARCHS:
+            if any(frag in k for k in sd):
+                raise ValueError(f"{path}: this is {what}, not a Wan-layout DiT")
+        raise ValueError(f"{path}: not a Wan-layout DiT (no blocks.0.self_attn.q.weight; first keys: "
+                         f"{', '.join(list(sd)[:3])})")
+    cfg = _config_from(sd, cfg_json, kind, dict(overrides))
+    model = DiT(cfg)
+    new_branch = cfg.prope == "branch" and not any("prope" in k for k in sd)
+    load_state(model, sd, str(path), allow_missing=("prope",) if new_branch else ())
+    return model.to(device)
