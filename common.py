@@ -1,0 +1,410 @@
+"""
+The small plumbing every minWM stage shares: config overrides from the command line, DDP set-up,
+seeding, logging, atomic checkpoint IO and a few training helpers. Nothing here knows about the
+model or the data.
+
+A stage uses it like this (plain torch DDP, the way nanoGPT does it):
+
+    rank, local_rank, world_size, device = setup_ddp()
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    raw_model = unwrap(model)               # save/EMA the raw module, not the DDP wrapper
+    for micro_step in range(accum):
+        # DDP all-reduces gradients in every backward; with gradient accumulation only the last
+        # micro-step needs it, so the others run under model.no_sync() (one sync per step)
+        with maybe_no_sync(model, last=micro_step == accum - 1), autocast(device):
+            loss = compute_loss(model, batch) / accum
+        loss.backward()
+"""
+import contextlib, dataclasses, difflib, json, math, os, random, re, sys, types, typing
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------- errors and config
+
+def die(msg):
+    """Print one line `error: msg` to stderr (and the log file) and exit with status 2."""
+    line = "error: " + " ".join(str(msg).split())
+    print(line, file=sys.stderr, flush=True)
+    _append_log(line)
+    sys.exit(2)
+
+def check_file(path, what):
+    """Die with `what not found: path` unless path exists; returns path."""
+    if not os.path.exists(path):
+        die(f"{what} not found: {path}")
+    return path
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+def _closest(word, choices):
+    """The nearest valid name: same words in another order (lr_max -> max_lr), else by spelling."""
+    same = [c for c in choices if sorted(c.split("_")) == sorted(word.split("_"))]
+    close = same or difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return close[0] if close else None
+
+def _type_name(tp):
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+def _convert(text, tp):
+    """Parse a command-line string as type tp (int, float, str, bool, list/tuple of those, X | None)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if text.lower() in ("none", "null"):
+            return None
+        return _convert(text, next(a for a in args if a is not type(None)))
+    if origin in (list, tuple):  # "1000,750,500" or "[1000, 750, 500]"
+        items = [s.strip() for s in text.strip().strip("[]()").split(",") if s.strip()]
+        values = [_convert(s, args[0] if args else str) for s in items]
+        return tuple(values) if origin is tuple else values
+    if tp is bool:
+        if text.lower() not in _TRUE + _FALSE:
+            raise ValueError(text)
+        return text.lower() in _TRUE
+    if tp is int:  # also accept 1e4 for step counts, but not 2.5
+        try:
+            return int(text)
+        except ValueError:
+            f = float(text)
+            if not f.is_integer():
+                raise
+            return int(f)
+    if tp in (float, str):
+        return tp(text)
+    raise TypeError(f"parse_config: unsupported field type {_type_name(tp)}")  # a bug in the stage
+
+def _print_help(cfg, hints, presets):
+    print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value | --key value | --flag] ...")
+    for f in dataclasses.fields(cfg):
+        if f.init:
+            print(f"  --{f.name:<24} {_type_name(hints[f.name]):<12} default: {getattr(cfg, f.name)!r}")
+    if presets:
+        print("presets: " + ", ".join(presets))
+
+def parse_config(cfg, argv=None, presets=None, quick=None):
+    """Return a copy of the dataclass cfg (class or instance) with command-line overrides applied.
+
+    Presets (name -> {field: value}) are applied first (the one named by --preset, else the
+    field's default), then `quick` ({field: value}, when --quick is given: the smoke size),
+    then the explicit flags in order, so `--preset=big --lr=1e-4` and `--quick --max_steps=3` work.
+    Any mistake prints one `error:` line and exits 2; --help/-h prints the flags and exits 0."""
+    cfg = cfg() if isinstance(cfg, type) else dataclasses.replace(cfg)
+    hints = typing.get_type_hints(type(cfg))
+    names = [f.name for f in dataclasses.fields(cfg) if f.init]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        _print_help(cfg, hints, presets)
+        sys.exit(0)
+    overrides, i = [], 0  # (name, text) in command-line order
+    while i < len(argv):
+        tok, i = argv[i], i + 1
+        if not tok.startswith("--") or tok == "--":
+            die(f"unexpected argument {tok!r} (flags look like --key=value)")
+        key, eq, text = tok[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in names:
+            close = _closest(key, names)
+            die(f"unknown flag --{key}" + (f" (did you mean --{close}?)" if close else ""))
+        tp = hints[key]
+        if not eq:  # "--key value", or a bare "--flag" meaning True
+            if tp is bool and i < len(argv) and argv[i].lower() in _TRUE + _FALSE:
+                text, i = argv[i], i + 1
+            elif tp is bool:
+                text = "true"
+            elif i < len(argv) and not argv[i].startswith("--"):
+                text, i = argv[i], i + 1
+            else:
+                die(f"--{key} expects {_type_name(tp)}, got nothing")
+        try:
+            overrides.append((key, _convert(text, tp)))
+        except ValueError:
+            die(f"--{key} expects {_type_name(tp)}, got {text!r}")
+    if "preset" in names and presets is not None:
+        name = next((v for k, v in reversed(overrides) if k == "preset"), cfg.preset)
+        if name and name not in presets:
+            close = _closest(name, presets)
+            die(f"unknown preset {name!r}" + (f" (did you mean {close!r}?)" if close else "")
+                + f"; choose from: {', '.join(presets)}")
+        for key, value in (presets.get(name) or {}).items():
+            if key not in names:
+                die(f"preset {name!r} sets unknown field {key!r}")
+            setattr(cfg, key, value)
+    if quick and any(k == "quick" and v for k, v in overrides):
+        for key, value in quick.items():
+            setattr(cfg, key, value)
+    for key, value in overrides:
+        setattr(cfg, key, value)
+    return cfg
+
+# ----------------------------------------------------------------------------- DDP and seeding
+
+def setup_ddp(device=None):
+    """Read torchrun's env; init the process group only when WORLD_SIZE > 1.
+    Returns (rank, local_rank, world_size, device); device defaults to cuda:LOCAL_RANK if any, else cpu."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, local_rank, world_size, device
+
+def cleanup_ddp():
+    """Tear down the process group if one was started."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+def is_main():
+    """True on rank 0 (and in a single process); works before setup_ddp too."""
+    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))) == 0
+
+def all_reduce_mean(tensor):
+    """Mean of a tensor over all ranks (a detached copy); the tensor itself when single-process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
+
+def unwrap(model):
+    """The raw module under DDP and/or torch.compile wrappers (what you save and EMA)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+def maybe_no_sync(model, last):
+    """model.no_sync() on a DDP model's non-final micro-steps, else a no-op context."""
+    return model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+
+def seed_everything(seed, rank=0):
+    """Seed python, numpy and torch with seed + rank so ranks draw different noise; returns it."""
+    seed = seed + rank
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    return seed
+
+# ----------------------------------------------------------------------------- logging
+
+_log_file = None
+
+def set_log_file(path):
+    """Also append every log() line to path (rank 0 only); None turns it off."""
+    global _log_file
+    _log_file = path
+    if path and is_main():
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+def log(msg):
+    """Print on rank 0 without breaking a tqdm bar; also append to the log file if set."""
+    if not is_main():
+        return
+    tqdm.write(str(msg))
+    _append_log(msg)
+
+def _append_log(line):  # one open per line: nothing is lost if the run is killed
+    if _log_file and is_main():
+        with open(_log_file, "a") as f:
+            f.write(f"{line}\n")
+
+def log_metrics(out_dir, name, row):
+    """Append one JSON line to out_dir/name.metrics.jsonl (rank 0): the numbers behind plots and README."""
+    if is_main():
+        with open(os.path.join(out_dir, f"{name}.metrics.jsonl"), "a") as f:
+            f.write(json.dumps(_jsonable(row)) + "\n")
+
+def progress(iterable_or_total, **kw):
+    """A tqdm bar on rank 0 (disabled elsewhere); pass an iterable or a total step count."""
+    kw = {"disable": not is_main(), "dynamic_ncols": True, **kw}
+    if isinstance(iterable_or_total, int):
+        return tqdm(total=iterable_or_total, **kw)
+    return tqdm(iterable_or_total, **kw)
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _stem(path):  # "x", "x.safetensors", "x.json" and "x.opt.pt" all name checkpoint x
+    return re.sub(r"\.(safetensors|json|opt\.pt)$", "", str(path))
+
+def _jsonable(x):
+    """Dataclasses -> dicts, tuples -> lists, dtypes/paths -> strings, recursively."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        x = dataclasses.asdict(x)
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return x.item() if isinstance(x, (np.generic, torch.Tensor)) and x.ndim == 0 else str(x)
+
+def _atomic_write(path, write):
+    """write(tmp) then fsync and os.replace, so path is either the old file or the complete new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def _prepare(state, dtype, prefix=""):
+    """CPU, contiguous, optionally cast, and never two tensors on one storage (safetensors refuses)."""
+    state = unwrap(state).state_dict() if isinstance(state, torch.nn.Module) else state
+    out, seen = {}, set()
+    for k, v in state.items():
+        t = v.detach().cpu()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()  # tied weights or views of one buffer
+        seen.add(t.untyped_storage().data_ptr())
+        out[prefix + k] = t
+    return out
+
+def save_checkpoint(stem, state_dict, *, config, stage, step, parent=None, model_config=None,
+                    ema_state=None, optimizer=None, extra=None, dtype=None):
+    """Write stem.safetensors (+ `ema.` copy), stem.json and, with an optimizer, stem.opt.pt.
+
+    Rank 0 only (other ranks return at once). Order: optimizer, weights, JSON; each file is
+    atomic, and all three record `step`, which load_checkpoint checks, so a save cut off halfway
+    is caught at load. optimizer may be one optimizer or a dict of them (e.g. DMD's two)."""
+    if not is_main():
+        return
+    stem = _stem(stem)
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    if isinstance(dtype, str):  # "fp16", "bf16", "fp32" or a torch name like "bfloat16"
+        dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype))
+    tensors = _prepare(state_dict, dtype)
+    if ema_state is not None:
+        tensors.update(_prepare(ema_state, dtype, prefix="ema."))
+    if optimizer is not None:
+        opt = optimizer.state_dict() if hasattr(optimizer, "state_dict") else {
+            k: o.state_dict() for k, o in optimizer.items()}
+        keys, pos, has_gauss, gauss = np.random.get_state()[1:]
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "numpy": [keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        _atomic_write(stem + ".opt.pt", lambda p: torch.save({"optimizer": opt, "step": step, "rng": rng}, p))
+    elif os.path.exists(stem + ".opt.pt"):
+        os.remove(stem + ".opt.pt")  # a stale optimizer state must not be resumed with new weights
+    header = {"format": "pt", "stage": stage, "step": str(step)}
+    _atomic_write(stem + ".safetensors", lambda p: save_file(tensors, p, metadata=header))
+    meta = {"config": _jsonable(config), "model": _jsonable(model_config), "stage": stage, "step": step,
+            "parent": parent, "command": " ".join(sys.argv), "dtype": str(dtype or "as trained")}
+    for k, v in (extra or {}).items():
+        if k in meta:
+            raise ValueError(f"save_checkpoint: extra key {k!r} clashes with a standard field")
+        meta[k] = _jsonable(v)
+    _atomic_write(stem + ".json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    return stem
+
+def load_checkpoint(path, device="cpu", load_opt=True):
+    """Read x / x.safetensors / x.json -> dict(state, ema (None if absent), meta, opt (None if absent)).
+    Any missing, truncated or inconsistent file raises ValueError with one line naming it."""
+    stem = _stem(path)
+    json_path, st_path, opt_path = stem + ".json", stem + ".safetensors", stem + ".opt.pt"
+    for p in (json_path, st_path):
+        if not os.path.exists(p):
+            raise ValueError(f"{p}: file not found")
+    try:
+        with open(json_path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_path}: invalid JSON ({e})") from None
+    try:
+        with safe_open(st_path, framework="pt", device=str(device)) as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise ValueError(f"{st_path}: unreadable safetensors ({' '.join(str(e).split())})") from None
+    if "step" in header and header["step"] != str(meta.get("step")):
+        raise ValueError(f"{st_path}: weights are from step {header['step']} but {json_path} says "
+                         f"{meta.get('step')} (an interrupted save?)")
+    state = {k: v for k, v in tensors.items() if not k.startswith("ema.")}
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
+    opt = None
+    if load_opt and os.path.exists(opt_path):
+        try:
+            opt = torch.load(opt_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{opt_path}: unreadable optimizer state ({' '.join(str(e).split())})") from None
+        if opt.get("step") != meta.get("step"):
+            raise ValueError(f"{opt_path}: optimizer state is from step {opt.get('step')} but "
+                             f"{json_path} says {meta.get('step')}")
+    return dict(state=state, ema=ema, meta=meta, opt=opt)
+
+def restore_training_state(ckpt, optimizer, rank=0):
+    """Resume: load optimizer state(s) from ckpt["opt"] and restore the saved RNG states.
+    Rank 0 continues exactly; other ranks then reseed deterministically so they keep distinct noise."""
+    opt = ckpt["opt"]
+    if opt is None:
+        raise ValueError("checkpoint has no optimizer state (.opt.pt) to resume from")
+    if hasattr(optimizer, "load_state_dict"):
+        optimizer.load_state_dict(opt["optimizer"])
+    else:
+        for k, o in optimizer.items():
+            o.load_state_dict(opt["optimizer"][k])
+    rng = opt["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rank > 0:
+        seed_everything(int(torch.randint(2**31, ())), rank)
+    return opt["step"]
+
+# ----------------------------------------------------------------------------- training helpers
+
+def autocast(device):
+    """bf16 autocast on CUDA; nothing on CPU (bf16 on CPU is slow and buys nothing here)."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay):
+    """ema = decay * ema + (1 - decay) * param for every parameter; buffers are copied."""
+    ema_model, model = unwrap(ema_model), unwrap(model)
+    for ema_p, p in zip(ema_model.parameters(), model.parameters()):
+        ema_p.mul_(decay).add_(p.detach(), alpha=1 - decay)
+    for ema_b, b in zip(ema_model.buffers(), model.buffers()):
+        ema_b.copy_(b)
+
+def requires_grad(model, flag=True):
+    """Turn gradients on/off for every parameter (EMA, frozen teachers)."""
+    for p in model.parameters():
+        p.requires_grad_(flag)
+
+def lr_at(step, warmup, max_steps, max_lr, min_lr):
+    """Linear warmup, then cosine decay from max_lr to min_lr at max_steps, min_lr afterwards."""
+    if step < warmup:
+        return max_lr * (step + 1) / (warmup + 1)
+    if step >= max_steps:
+        return min_lr
+    ratio = (step - warmup) / (max_steps - warmup)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+def check_finite(loss, step, last_ckpt=None, before_exit=None):
+    """Return loss as a float; on nan/inf call before_exit() (e.g. to save a debug state) and die.
+    It syncs with the GPU, so call it where you would call loss.item() anyway (the log step)."""
+    value = float(loss)
+    if not math.isfinite(value):
+        if before_exit is not None:
+            before_exit()
+        die(f"loss is {value} at step {step}" + (f" (last checkpoint: {last_ckpt})" if last_ckpt else ""))
+    return value
