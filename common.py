@@ -35,6 +35,13 @@ def die(msg):
     _append_log(line)
     sys.exit(2)
 
+def or_die(fn, *args, **kwargs):
+    """fn(*args, **kwargs), with a ValueError (bad file, bad input) turned into one `error:` line."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        die(e)
+
 def check_file(path, what):
     """Die with `what not found: path` unless path exists; returns path."""
     if not os.path.exists(path):
@@ -157,6 +164,16 @@ def setup_ddp(device=None):
     if world_size > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank, local_rank, world_size, device
+
+def start(cfg, name):
+    """The first lines of every stage: DDP, out_dir, log file, seeds. Returns (rank, local_rank, world, device, stem)."""
+    rank, local_rank, world, device = setup_ddp(getattr(cfg, "device", "") or None)
+    if cfg.batch_size % world:
+        die(f"--batch_size={cfg.batch_size} is not divisible by the {world} processes")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    set_log_file(os.path.join(cfg.out_dir, f"{name}.log"))
+    seed_everything(cfg.seed, rank)
+    return rank, local_rank, world, device, os.path.join(cfg.out_dir, name)
 
 def cleanup_ddp():
     """Tear down the process group if one was started."""
@@ -367,6 +384,22 @@ def restore_training_state(ckpt, optimizer, rank=0):
     if rank > 0:
         seed_everything(int(torch.randint(2**31, ())), rank)
     return opt["step"]
+
+def resume(stem, model, ema=None, optimizer=None, rank=0):
+    """--resume: load weights, EMA, optimizer and RNG from stem if it exists; returns the step (0 if none)."""
+    if not os.path.exists(_stem(stem) + ".json"):
+        log(f"nothing to resume at {stem}; starting fresh")
+        return 0
+    ck = or_die(load_checkpoint, stem)
+    try:
+        unwrap(model).load_state_dict(ck["state"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"] or ck["state"])
+    except RuntimeError as e:
+        die(f"{stem}: checkpoint does not fit this model ({str(e).splitlines()[0]})")
+    step = restore_training_state(ck, optimizer, rank) if optimizer is not None and ck["opt"] else ck["meta"]["step"]
+    log(f"resumed {stem} at step {step}")
+    return step
 
 # ----------------------------------------------------------------------------- training helpers
 

@@ -516,6 +516,26 @@ def image_cond(first, frames):
     return torch.cat([cond, mask], 1)
 
 
+@torch.no_grad()
+def enable_image_cond(model):
+    """Turn a T2V DiT into a TI2V one: widen patch_embedding by (C + 1) zero-initialized input channels.
+
+    The new channels carry the condition latent and mask (image_cond above); being zero at init, the
+    widened model equals the base model exactly until training moves them.
+    """
+    cfg = model.cfg
+    if cfg.image_cond:
+        return model
+    old = model.patch_embedding
+    new = nn.Conv3d(2 * cfg.out_channels + 1, cfg.dim, cfg.patch_size, stride=cfg.patch_size).to(old.weight)
+    new.weight.zero_()
+    new.weight[:, : old.in_channels] = old.weight
+    new.bias.copy_(old.bias)
+    model.patch_embedding = new
+    cfg.image_cond, cfg.in_channels = True, 2 * cfg.out_channels + 1
+    return model
+
+
 # ----------------------------------------------------------------------------------------------
 # 6. loading real checkpoints: Wan2.1 original / diffusers layouts, shards, minWM, CausVid-lineage .pt
 
@@ -572,6 +592,8 @@ def _read_safetensors(path):
 
 def _read_weights(path):
     """-> (state dict in whatever layout the file has, config dict or None, config kind)."""
+    if not os.path.exists(path) and os.path.exists(path + ".safetensors"):  # a minWM stem: out/bidir
+        path += ".safetensors"
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such file or folder")
     if os.path.isdir(path):

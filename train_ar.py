@@ -1,0 +1,143 @@
+"""Stage 1: autoregressive diffusion by teacher forcing (paper §2.2, Stage 1).
+
+The bidirectional camera-controlled model becomes causal. Each training sequence is
+[clean clip | noisy clip] under the block-causal mask (model.teacher_forcing_mask): a noisy chunk sees
+the clean chunks before it and itself, every chunk has its own σ, and both halves share positions,
+cameras and the first-frame condition. At inference the clean half is the KV cache (model.sample_ar).
+
+    python train_ar.py --ckpt=out/bidir            # tiny model (CPU, ~30 min)
+    python train_ar.py --ckpt=assets/bidir --quick
+"""
+import copy
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+import data
+import model as M
+
+
+@dataclass
+class Config:
+    ckpt: str = "out/bidir"  # the Phase 1 checkpoint
+    data: str = ""  # a cache from `python data.py prepare`; "" = the procedural world
+    out_dir: str = "out"
+    name: str = "ar"
+    chunk: int = 2  # latent frames per AR chunk (4 at Wan scale)
+    frames: int = 8
+    height: int = 32
+    width: int = 32
+    text_len: int = 16
+    batch_size: int = 8
+    max_steps: int = 1500
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup: int = 50
+    grad_clip: float = 1.0
+    ema: float = 0.995
+    shift: float = 1.0  # sigma shift (5 at Wan scale)
+    text_drop: float = 0.1  # caption dropout keeps the unconditional branch alive for CFG
+    camera_noise: float = 0.0
+    eval_every: int = 250
+    eval_clips: int = 16
+    sample_steps: int = 25
+    save_every: int = 250
+    seed: int = 1
+    resume: bool = False
+    stop_after: int = 0  # end this run after N steps as if interrupted (resume later with --resume)
+    quick: bool = False
+    device: str = ""
+
+
+QUICK = dict(frames=4, height=16, width=16, batch_size=2, max_steps=6, warmup=2, eval_every=6, eval_clips=2,
+             sample_steps=3, save_every=3)
+
+
+def tf_loss(model, x0, noise, sigma, text, cams, cond):
+    """Stage 1 loss: flow matching on the noisy half of [x0 | x_t] under the block-causal mask.
+
+    sigma: (B, F), constant within each chunk, independent across chunks (Diffusion-Forcing style).
+    """
+    s = sigma[:, None, :, None, None]  # (B, 1, F, 1, 1)
+    v = model(M.add_noise(x0, noise, s), 1000 * sigma, text, cams, cond, clean=x0)
+    return F.mse_loss(v.float(), (noise - x0).float())
+
+
+def main():
+    cfg = common.parse_config(Config, quick=QUICK)
+    rank, local_rank, world, device, stem = common.start(cfg, cfg.name)
+    net = common.or_die(M.load_pretrained, cfg.ckpt, chunk=cfg.chunk).to(device)
+    if cfg.frames % cfg.chunk:
+        common.die(f"--frames={cfg.frames} is not a multiple of --chunk={cfg.chunk}")
+    codec, source = data.training_source(cfg, net.cfg)
+    ema = copy.deepcopy(net).eval()
+    common.requires_grad(ema, False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    step = common.resume(stem, net, ema, opt, rank) if cfg.resume else 0
+    model = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else net
+    common.log(f"{cfg.name}: from {cfg.ckpt}, {net.num_params() / 1e6:.2f}M parameters, chunk {cfg.chunk}, {world} process(es)")
+
+    clips = data.eval_clips(cfg.eval_clips, cfg.frames, cfg.height, cfg.width, net.cfg.text_dim, cfg.text_len) \
+        if rank == 0 and not cfg.data else None
+    sigmas = M.euler_sigmas(cfg.sample_steps, cfg.shift)
+
+    def evaluate(net_eval):  # the shared control metric with the AR many-step sampler (KV cache)
+        sample = lambda noise, text, cams, first: M.sample_ar(
+            net_eval, noise, text, cams, M.image_cond(first, noise.shape[2]), sigmas)
+        velocity = lambda x_t, s, text, cams, first, x0: net_eval(
+            x_t, torch.full(x_t.shape[:1] + x_t.shape[2:3], 1000.0 * s, device=device), text, cams,
+            M.image_cond(first, x_t.shape[2]), clean=x0)
+        return data.control_metric(sample, velocity, codec, clips, device=device, return_videos=True)
+
+    def report(step):
+        m, vids = evaluate(ema)
+        common.log(f"step {step} ema: {data.format_metric(m)}")
+        common.log_metrics(cfg.out_dir, cfg.name, dict(step=step, eval=m))
+        grid = torch.cat([torch.cat([g, t], -1) for g, t in zip(vids["generated"][:4], vids["truth"][:4])], -2)
+        data.save_video(os.path.join(cfg.out_dir, f"{cfg.name}_sample.gif"), grid)  # generated | truth
+
+    if clips is not None and step == 0:
+        report(0)  # the bidirectional weights used autoregressively, before Stage 1
+    bar = common.progress(cfg.max_steps, initial=step, desc=cfg.name)
+    t0 = time.time()
+    while step < cfg.max_steps:
+        lr = common.lr_at(step, cfg.warmup, cfg.max_steps, cfg.lr, cfg.min_lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        b = source(step, rank, world, device)
+        x0 = b["x0"]  # (B, C, F, h, w)
+        cond = M.image_cond(x0[:, :, 0], x0.shape[2])
+        u = b["u"][:, :: cfg.chunk].clamp(1e-4, 1 - 1e-4)  # one uniform per chunk
+        sigma = M.shift_sigma(torch.sigmoid(torch.special.ndtri(u)), cfg.shift).repeat_interleave(cfg.chunk, 1)
+        with common.autocast(device):
+            loss = tf_loss(model, x0, b["noise"], sigma, b["text"], b["cameras"], cond)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        common.update_ema(ema, net, cfg.ema if step > cfg.warmup else 0.0)
+        step += 1
+        bar.update(1)
+        done = step == cfg.max_steps or step == cfg.stop_after
+        if step % 10 == 0 or step == cfg.max_steps:
+            lv = common.check_finite(common.all_reduce_mean(loss.detach()), step, stem + ".safetensors")
+            bar.set_postfix(loss=f"{lv:.4f}", lr=f"{lr:.1e}", gnorm=f"{gnorm:.2f}")
+            common.log_metrics(cfg.out_dir, cfg.name, dict(step=step, loss=lv, lr=lr, time=time.time() - t0))
+        if step % cfg.save_every == 0 or done:
+            common.save_checkpoint(stem, net, config=cfg, stage="ar", step=step, parent=cfg.ckpt,
+                                   model_config=net.cfg, ema_state=ema, optimizer=opt)
+        if clips is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            report(step)
+        if done:
+            break
+    bar.close()
+    common.cleanup_ddp()
+
+
+if __name__ == "__main__":
+    main()
