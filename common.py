@@ -192,6 +192,14 @@ def all_reduce_mean(tensor):
     dist.all_reduce(out)
     return out / dist.get_world_size()
 
+def all_reduce_grads(model):
+    """Average .grad over ranks by hand: for losses DDP cannot wrap (several forwards per backward, as in DMD)."""
+    if dist.is_available() and dist.is_initialized():
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+
 def unwrap(model):
     """The raw module under DDP and/or torch.compile wrappers (what you save and EMA)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):

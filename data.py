@@ -772,7 +772,7 @@ def read_video(path, frames, height, width):
     return x[..., top:top + height, left:left + width].transpose(0, 1).clamp(-1, 1), (h0, w0, rh, rw, top, left)
 
 
-def _text_encoder(path, text_len, text_dim):
+def load_text_encoder(path, text_len, text_dim):
     """caption -> (text_len, D): "hash" for `text_embedding`, else a (U)T5 encoder folder (+ tokenizer)."""
     if path == "hash":
         return lambda text: text_embedding(text, text_dim, text_len)
@@ -845,7 +845,7 @@ def prepare(src, out, vae=None, text_encoder=None, frames=81, height=480, width=
         raise ValueError(f"{index_path}: settings: prepared with {index['settings']}, now asked for {settings}")
     done = {item["name"] for item in index["items"]}
     todo = [p.stem for p in sorted(src.glob("*.mp4")) if p.stem not in done]
-    encode_text = _text_encoder(text_encoder, text_len, text_dim) if text_encoder else None
+    encode_text = load_text_encoder(text_encoder, text_len, text_dim) if text_encoder else None
     pending, new = [], []
 
     def flush():
@@ -1061,6 +1061,15 @@ def control_metric(sample, velocity, codec, clips, loss_sigmas=(0.5, 0.9), batch
         lt, lo = r[f"loss@{s}"].mean().item(), r[f"loss_other@{s}"].mean().item()
         out[f"loss_gap@{s}"] = (lo - lt) / lt
     return (out, videos) if return_videos else out
+
+
+def evaluate(sample, velocity, codec, clips, gif_path=None, device="cpu"):
+    """control_metric + a gif of the first clips (generated | truth, one clip per row); returns the metrics."""
+    m, videos = control_metric(sample, velocity, codec, clips, device=device, return_videos=True)
+    if gif_path:
+        rows = [torch.cat([g, t], -1) for g, t in zip(videos["generated"][:4], videos["truth"][:4])]
+        save_video(gif_path, torch.cat(rows, -2))
+    return m
 
 
 def format_metric(m):

@@ -204,6 +204,14 @@ class KVCache:
         bufs = self.kv[layer]
         n = n_frames * self.tpf
         s0 = (self.sink + self.window) * self.tpf
+        if torch.is_grad_enabled() and new[0].requires_grad:
+            # a forward that trains (DMD's exit step): concatenate instead of writing in place, since
+            # later in-place cache writes would invalidate tensors autograd saved for the backward
+            if commit:
+                raise ValueError("KVCache: commit the clean chunk under torch.no_grad()")
+            mask = torch.cat([self.valid[:s0], self.valid.new_ones(n)])
+            return [torch.cat([buf[:, :, :s0], x], 2) for buf, x in zip(bufs, new)], \
+                (None if bool(mask.all()) else mask[None])
         for buf, x in zip(bufs, new):
             buf[:, :, s0:s0 + n] = x
         mask = self.valid.clone()
@@ -452,16 +460,25 @@ def _t(sigma, B, device):
     return torch.full((B,), 1000.0 * sigma, device=device)
 
 
+def guided_velocity(model, x, t, context, *args, guidance=1.0, **kw):
+    """Classifier-free guidance: v_u + g (v_c - v_u), the unconditional branch on null (zero) text.
+
+    Training drops captions (text_drop) so the null-text branch exists. Not for cached calls: the
+    unconditional branch would need its own KV cache.
+    """
+    v = model(x, t, context, *args, **kw)
+    if guidance == 1.0:
+        return v
+    v_u = model(x, t, torch.zeros_like(context), *args, **kw)
+    return v_u + guidance * (v - v_u)
+
+
 @torch.no_grad()
-def sample_bidir(model, noise, context, cameras=None, cond=None, sigmas=None, guidance=1.0, uncond=None, progress=None):
+def sample_bidir(model, noise, context, cameras=None, cond=None, sigmas=None, guidance=1.0, progress=None):
     """Euler integration of the PF-ODE over the whole clip (bidirectional mode), optional CFG."""
     x = noise
-    B = x.shape[0]
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        v = model(x, _t(s, B, x.device), context, cameras, cond)
-        if guidance != 1.0:  # classifier-free guidance against the unconditional (null-text) prediction
-            v_u = model(x, _t(s, B, x.device), uncond if uncond is not None else torch.zeros_like(context), cameras, cond)
-            v = v_u + guidance * (v - v_u)
+        v = guided_velocity(model, x, _t(s, x.shape[0], x.device), context, cameras, cond, guidance=guidance)
         x = x + (s_next - s) * v
         if progress is not None:
             progress()
@@ -469,50 +486,77 @@ def sample_bidir(model, noise, context, cameras=None, cond=None, sigmas=None, gu
 
 
 @torch.no_grad()
-def sample_ar(model, noise, context, cameras=None, cond=None, sigmas=None, renoise=False, sink=1, window=64,
-              generator=None, on_chunk=None, cache=None):
-    """Chunk-by-chunk AR rollout through the KV cache (infer, DMD, the control metric).
+def generate_chunk(model, cache, noise, start, context, cameras=None, cond=None, sigmas=None, renoise=False,
+                   generator=None):
+    """Denoise one chunk (noise (B, C, f, h, w), first frame at absolute index `start`) against the cache.
 
-    Each chunk is denoised over `sigmas` attending to the cache, then re-run once at t = 0 with
-    `commit=True` to write its clean K/V. renoise=False: Euler steps (many-step sampling of the AR
-    diffusion model); renoise=True: the few-step sampler - predict x0, re-noise to the next sigma with
-    fresh noise (DESIGN §2). on_chunk(x_chunk, start) is called as soon as each chunk is ready.
+    renoise=False: Euler steps (many-step sampling of the AR diffusion model); renoise=True: the
+    few-step sampler - predict x0, re-noise to the next sigma with fresh noise (DESIGN §2). Then the
+    clean chunk is re-run once at t = 0 with commit=True so it becomes context for the next chunks.
     """
+    x = noise
+    B = x.shape[0]
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        v = model(x, _t(s, B, x.device), context, cameras, cond, cache=cache, frame_offset=start)
+        if renoise:
+            x0 = x - s * v
+            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if s_next > 0 else 0
+            x = add_noise(x0, eps, s_next)
+        else:
+            x = x + (s_next - s) * v
+    model(x, _t(0.0, B, x.device), context, cameras, cond, cache=cache, commit=True, frame_offset=start)
+    return x
+
+
+@torch.no_grad()
+def sample_ar(model, noise, context, cameras=None, cond=None, sigmas=None, renoise=False, sink=1, window=64,
+              generator=None):
+    """Chunk-by-chunk AR rollout of a whole clip through a fresh KV cache (the control metric, DMD)."""
     B, C, F_, H, W = noise.shape
     chunk = model.cfg.chunk
-    if cache is None:
-        cache = model.new_cache(B, H, W, sink=sink, window=window, device=noise.device, dtype=noise.dtype)
+    cache = model.new_cache(B, H, W, sink=sink, window=window, device=noise.device, dtype=noise.dtype)
     out = []
     for start in range(0, F_, chunk):
         stop = min(start + chunk, F_)
-        x = noise[:, :, start:stop]
-        cams = cameras.frames(start, stop) if cameras is not None else None
-        cnd = cond[:, :, start:stop] if cond is not None else None
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            v = model(x, _t(s, B, x.device), context, cams, cnd, cache=cache, frame_offset=start)
-            if renoise:
-                x0 = x - s * v
-                eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if s_next > 0 else 0
-                x = add_noise(x0, eps, s_next)
-            else:
-                x = x + (s_next - s) * v
-        model(x, _t(0.0, B, x.device), context, cams, cnd, cache=cache, commit=True, frame_offset=start)
-        out.append(x)
-        if on_chunk is not None:
-            on_chunk(x, start)
+        out.append(generate_chunk(model, cache, noise[:, :, start:stop], start, context,
+                                  cameras.frames(start, stop) if cameras is not None else None,
+                                  cond[:, :, start:stop] if cond is not None else None, sigmas, renoise, generator))
     return torch.cat(out, 2)
 
 
-def image_cond(first, frames):
+def metric_fns(net, mode, sigmas, renoise=False):
+    """(sample, velocity) callables for data.control_metric, so every stage is measured the same way.
+
+    mode "bidir": whole-clip Euler sampling, bidirectional velocity; mode "ar": chunked rollout through
+    the KV cache (renoise=True for the few-step sampler), teacher-forcing velocity (clean = x0).
+    """
+    def sample(noise, text, cams, first):
+        cond = image_cond(first, noise.shape[2])
+        if mode == "bidir":
+            return sample_bidir(net, noise, text, cams, cond, sigmas)
+        return sample_ar(net, noise, text, cams, cond, sigmas, renoise=renoise, 
+                         generator=torch.Generator(noise.device).manual_seed(0))
+
+    @torch.no_grad()
+    def velocity(x_t, s, text, cams, first, x0):
+        t = torch.full(x_t.shape[:1], 1000.0 * s, device=x_t.device)
+        cond = image_cond(first, x_t.shape[2])
+        return net(x_t, t, text, cams, cond) if mode == "bidir" else net(x_t, t, text, cams, cond, clean=x0)
+
+    return sample, velocity
+
+
+def image_cond(first, frames, start=0):
     """TI2V condition: the first latent frame copied into every frame's channels + a frame-0 mask.
 
-    first: (B, C, H, W) -> (B, C + 1, F, H, W). Copying frame 0 everywhere (not only at frame 0) lets
+    first: (B, C, H, W) -> (B, C + 1, F, H, W) for frames [start, start + F) of the video. Copying frame 0 everywhere (not only at frame 0) lets
     every chunk of an AR rollout see the image directly (DESIGN §4: it helped the CPU prototypes).
     """
     B, C, H, W = first.shape
     cond = first[:, :, None].expand(B, C, frames, H, W)
     mask = torch.zeros(B, 1, frames, H, W, dtype=first.dtype, device=first.device)
-    mask[:, :, 0] = 1
+    if start == 0:
+        mask[:, :, 0] = 1
     return torch.cat([cond, mask], 1)
 
 

@@ -86,20 +86,11 @@ def main():
         if rank == 0 and not cfg.data else None
     sigmas = M.euler_sigmas(cfg.sample_steps, cfg.shift)
 
-    def evaluate(net_eval):  # the shared control metric with the AR many-step sampler (KV cache)
-        sample = lambda noise, text, cams, first: M.sample_ar(
-            net_eval, noise, text, cams, M.image_cond(first, noise.shape[2]), sigmas)
-        velocity = lambda x_t, s, text, cams, first, x0: net_eval(
-            x_t, torch.full(x_t.shape[:1] + x_t.shape[2:3], 1000.0 * s, device=device), text, cams,
-            M.image_cond(first, x_t.shape[2]), clean=x0)
-        return data.control_metric(sample, velocity, codec, clips, device=device, return_videos=True)
-
-    def report(step):
-        m, vids = evaluate(ema)
+    def report(step):  # the shared control metric with the AR many-step sampler (KV cache)
+        m = data.evaluate(*M.metric_fns(ema, "ar", sigmas), codec, clips,
+                          os.path.join(cfg.out_dir, f"{cfg.name}_sample.gif"), device)  # generated | truth
         common.log(f"step {step} ema: {data.format_metric(m)}")
         common.log_metrics(cfg.out_dir, cfg.name, dict(step=step, eval=m))
-        grid = torch.cat([torch.cat([g, t], -1) for g, t in zip(vids["generated"][:4], vids["truth"][:4])], -2)
-        data.save_video(os.path.join(cfg.out_dir, f"{cfg.name}_sample.gif"), grid)  # generated | truth
 
     if clips is not None and step == 0:
         report(0)  # the bidirectional weights used autoregressively, before Stage 1

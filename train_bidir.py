@@ -36,7 +36,7 @@ class Config:
     width: int = 32
     text_len: int = 16
     batch_size: int = 8  # global batch, split over ranks
-    max_steps: int = 6000
+    max_steps: int = 5400
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup: int = 200
@@ -92,13 +92,6 @@ def main():
         if rank == 0 and not cfg.data else None
     sigmas = M.euler_sigmas(cfg.sample_steps, cfg.shift)
 
-    def evaluate(net_eval):  # the shared control metric, bidirectional many-step sampler
-        sample = lambda noise, text, cams, first: M.sample_bidir(
-            net_eval, noise, text, cams, M.image_cond(first, noise.shape[2]), sigmas)
-        velocity = lambda x_t, s, text, cams, first, x0: net_eval(
-            x_t, torch.full((x_t.shape[0],), 1000.0 * s, device=device), text, cams, M.image_cond(first, x_t.shape[2]))
-        return data.control_metric(sample, velocity, codec, clips, device=device, return_videos=True)
-
     bar = common.progress(cfg.max_steps, initial=step, desc=cfg.name)
     t0 = time.time()
     while step < cfg.max_steps:
@@ -127,11 +120,10 @@ def main():
             common.save_checkpoint(stem, net, config=cfg, stage="bidir", step=step, parent=cfg.init or None,
                                    model_config=net.cfg, ema_state=ema, optimizer=opt)
         if clips is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            m, vids = evaluate(ema)
+            m = data.evaluate(*M.metric_fns(ema, "bidir", sigmas), codec, clips,
+                              os.path.join(cfg.out_dir, f"{cfg.name}_sample.gif"), device)  # generated | truth
             common.log(f"step {step} ema: {data.format_metric(m)}")
             common.log_metrics(cfg.out_dir, cfg.name, dict(step=step, eval=m))
-            grid = torch.cat([torch.cat([g, t], -1) for g, t in zip(vids["generated"][:4], vids["truth"][:4])], -2)
-            data.save_video(os.path.join(cfg.out_dir, f"{cfg.name}_sample.gif"), grid)  # generated | truth
         if done:
             break
     bar.close()
