@@ -149,6 +149,39 @@ def parse_config(cfg, argv=None, presets=None, quick=None):
         setattr(cfg, key, value)
     return cfg
 
+@dataclasses.dataclass
+class StageConfig:
+    """The flags every training stage has; a stage's Config subclasses it, adds its own fields and
+    re-declares the defaults it changes (lr, max_steps, ...)."""
+    data: str = ""  # a cache from `python data.py prepare`; "" = the procedural world
+    out_dir: str = "out"  # checkpoints, logs, samples
+    frames: int = 8  # latent frames per clip
+    height: int = 32  # video pixels (procedural world)
+    width: int = 32
+    text_len: int = 16  # text tokens
+    batch_size: int = 8  # global batch, split over the ranks
+    max_steps: int = 1000
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup: int = 20
+    grad_clip: float = 1.0
+    ema: float = 0.99
+    shift: float = 1.0  # sigma shift of the flow-matching schedule (5 at Wan scale)
+    text_drop: float = 0.0  # caption dropout: keeps the null-text branch alive for CFG
+    camera_noise: float = 0.0  # ablation: jitter training poses like perception-estimated cameras
+    eval_every: int = 250  # control metric + sample gif
+    eval_clips: int = 16
+    save_every: int = 250
+    seed: int = 0
+    resume: bool = False  # continue OUT_DIR/NAME from its last save (weights, optimizer, RNG)
+    stop_after: int = 0  # end this run after N steps as if interrupted (resume later with --resume)
+    quick: bool = False  # smoke size for tests and CI
+    device: str = ""  # "" = cuda if available, else cpu
+
+# the smoke size every stage's --quick starts from
+QUICK = dict(frames=4, height=16, width=16, batch_size=2, max_steps=6, warmup=2, eval_every=6, eval_clips=2,
+             save_every=3)
+
 # ----------------------------------------------------------------------------- DDP and seeding
 
 def setup_ddp(device=None):
@@ -409,6 +442,20 @@ def resume(stem, model, ema=None, optimizer=None, rank=0):
     log(f"resumed {stem} at step {step}")
     return step
 
+def ship(src, dst, dtype="fp16"):
+    """Copy a trained checkpoint's EMA weights (or raw if none) as a small fp16 file, keeping its JSON
+    (the training command included) and noting where it came from. For assets/ (kept under 5 MB)."""
+    ck = load_checkpoint(src, load_opt=False)
+    dst = _stem(dst)
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    tensors = _prepare(ck["ema"] or ck["state"], dt)
+    header = {"format": "pt", "stage": ck["meta"]["stage"], "step": str(ck["meta"]["step"])}
+    _atomic_write(dst + ".safetensors", lambda p: save_file(tensors, p, metadata=header))
+    meta = {**ck["meta"], "dtype": dtype, "weights": "ema" if ck["ema"] else "raw", "shipped_from": _stem(src)}
+    _atomic_write(dst + ".json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    return dst
+
 # ----------------------------------------------------------------------------- training helpers
 
 def autocast(device):
@@ -449,3 +496,35 @@ def check_finite(loss, step, last_ckpt=None, before_exit=None):
             before_exit()
         die(f"loss is {value} at step {step}" + (f" (last checkpoint: {last_ckpt})" if last_ckpt else ""))
     return value
+
+# ----------------------------------------------------------------------------- the results table
+
+def results_table(out_dir, stages=("bidir", "ar", "ode", "cd", "dmd")):
+    """Markdown table of each stage's last control metric (from OUT/NAME.metrics.jsonl) and run time."""
+    head = ("| stage | sampler | steps | run time | PSNR | control margin (clips won) | oracle margin | "
+            "margin/oracle | loss gap σ=.5 / .9 | gain over static | sharpness |")
+    rows = [head, "|" + " --- |" * (head.count("|") - 1)]
+    samplers = {"bidir": "25 Euler, whole clip", "ar": "25 Euler / chunk, KV cache"}
+    for name in stages:
+        path = os.path.join(out_dir, f"{name}.metrics.jsonl")
+        if not os.path.exists(path):
+            continue
+        lines = [json.loads(x) for x in open(path) if x.strip()]
+        timed = [x for x in lines if "time" in x]
+        for model in dict.fromkeys(x.get("model", name) for x in lines if "eval" in x):
+            ev = [x for x in lines if "eval" in x and x.get("model", name) == model][-1]
+            m = ev["eval"]
+            label = model if model == name else f"{name}: baseline {model}"
+            rows.append(f"| {label} | {samplers.get(model, '4 steps / chunk, KV cache')} | {ev['step']} | "
+                        f"{timed[-1]['time'] / 60:.0f} min | {m['psnr']:.2f} dB | {m['control_margin']:+.2f} dB "
+                        f"({m['margin_wins']:.0%}) | {m['oracle_margin']:+.2f} dB | {m['margin_ratio']:.0%} | "
+                        f"{m['loss_gap@0.5']:+.0%} / {m['loss_gap@0.9']:+.0%} | {m['gain_static']:+.2f} dB | "
+                        f"{m['sharpness']:.2f} |" if timed else "")
+    return "\n".join(r for r in rows if r)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "table":
+        print(results_table(sys.argv[2]))
+    else:
+        die("usage: python common.py table OUT_DIR")

@@ -249,7 +249,6 @@ class SelfAttention(nn.Module):
         split = lambda t: t.view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
         q, k, v = split(self.norm_q(self.q(x))), split(self.norm_k(self.k(x))), split(self.v(x))
         cams = pos["cams"]  # (P, P_inv), each (B, F, 4, 4), or None
-        new = []
         if pd and cams is not None:  # inline: channels [:pd] projective, [pd:] RoPE (GTA form)
             P, Pi = cams
             qr = torch.cat([prope.apply(q[..., :pd], P.mT), apply_rope(q[..., pd:], *pos["rope"])], -1)

@@ -23,39 +23,21 @@ import model as M
 
 
 @dataclass
-class Config:
+class Config(common.StageConfig):
     ckpt: str = "out/bidir"  # the Phase 1 checkpoint
-    data: str = ""  # a cache from `python data.py prepare`; "" = the procedural world
-    out_dir: str = "out"
     name: str = "ar"
     chunk: int = 2  # latent frames per AR chunk (4 at Wan scale)
-    frames: int = 8
-    height: int = 32
-    width: int = 32
-    text_len: int = 16
-    batch_size: int = 8
     max_steps: int = 1500
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup: int = 50
-    grad_clip: float = 1.0
     ema: float = 0.995
-    shift: float = 1.0  # sigma shift (5 at Wan scale)
     text_drop: float = 0.1  # caption dropout keeps the unconditional branch alive for CFG
-    camera_noise: float = 0.0
-    eval_every: int = 250
-    eval_clips: int = 16
     sample_steps: int = 25
-    save_every: int = 250
     seed: int = 1
-    resume: bool = False
-    stop_after: int = 0  # end this run after N steps as if interrupted (resume later with --resume)
-    quick: bool = False
-    device: str = ""
 
 
-QUICK = dict(frames=4, height=16, width=16, batch_size=2, max_steps=6, warmup=2, eval_every=6, eval_clips=2,
-             sample_steps=3, save_every=3)
+QUICK = {**common.QUICK, "sample_steps": 3}
 
 
 def tf_loss(model, x0, noise, sigma, text, cams, cond):

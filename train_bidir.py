@@ -24,41 +24,24 @@ import model as M
 
 
 @dataclass
-class Config:
+class Config(common.StageConfig):
     preset: str = "tiny"  # model preset (model.PRESETS)
     init: str = ""  # base weights for model.load_pretrained; "" = from scratch
     prope: str = "inline"  # inline (from scratch) | branch (fine-tuning a base) | none (camera-free base)
-    data: str = ""  # a cache from `python data.py prepare`; "" = the procedural world
-    out_dir: str = "out"
     name: str = "bidir"
-    frames: int = 8  # latent frames per clip
-    height: int = 32  # video pixels (procedural world)
-    width: int = 32
-    text_len: int = 16
-    batch_size: int = 8  # global batch, split over ranks
     max_steps: int = 5400
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup: int = 200
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
     ema: float = 0.998
-    shift: float = 1.0  # sigma shift for training and sampling (5 at Wan scale)
     text_drop: float = 0.1  # caption dropout, so classifier-free guidance is possible later
-    camera_noise: float = 0.0  # ablation: perturb training poses like perception-estimated cameras
     eval_every: int = 1000
-    eval_clips: int = 16
     sample_steps: int = 25
     save_every: int = 500
-    seed: int = 0
-    resume: bool = False
-    stop_after: int = 0  # end this run after N steps as if interrupted (resume later with --resume)
-    quick: bool = False  # smoke size for tests and CI
-    device: str = ""  # "" = cuda if available else cpu
 
 
-QUICK = dict(frames=4, height=16, width=16, batch_size=2, max_steps=6, warmup=2, eval_every=6, eval_clips=2,
-             sample_steps=3, save_every=3)
+QUICK = {**common.QUICK, "sample_steps": 3}
 
 
 def fm_loss(model, x0, noise, sigma, text, cams, cond):

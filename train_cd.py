@@ -24,40 +24,18 @@ import model as M
 
 
 @dataclass
-class Config:
+class Config(common.StageConfig):
     ckpt: str = "out/ar"  # the Stage 1 AR teacher (also the student's initialization)
-    data: str = ""
-    out_dir: str = "out"
     name: str = "cd"
     grid: int = 48  # fine σ grid of the consistency steps (shifted schedule)
     timesteps: tuple[int, ...] = (1000, 750, 500, 250)  # the student's few-step sampler
     guidance: float = 1.0  # teacher CFG for the ODE step; 1.0: toy captions restate frame 0
-    frames: int = 8
-    height: int = 32
-    width: int = 32
-    text_len: int = 16
-    batch_size: int = 8
-    max_steps: int = 1000
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    warmup: int = 20
-    grad_clip: float = 1.0
+    max_steps: int = 800
     ema: float = 0.95  # the target network's decay (LCM / Causal Forcing++ use ~0.95)
-    shift: float = 1.0
-    text_drop: float = 0.0
-    camera_noise: float = 0.0
-    eval_every: int = 250
-    eval_clips: int = 16
-    save_every: int = 250
     seed: int = 3
-    resume: bool = False
-    stop_after: int = 0  # end this run after N steps as if interrupted (resume later with --resume)
-    quick: bool = False
-    device: str = ""
 
 
-QUICK = dict(frames=4, height=16, width=16, batch_size=2, grid=8, max_steps=6, warmup=2, eval_every=6,
-             eval_clips=2, save_every=3)
+QUICK = {**common.QUICK, "grid": 8}
 
 
 def x0_of(net, x_t, sigma, text, cams, cond, x0_ctx):

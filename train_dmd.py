@@ -27,42 +27,24 @@ import model as M
 
 
 @dataclass
-class Config:
+class Config(common.StageConfig):
     ckpt: str = "out/ode"  # the few-step student (Stage 2a or 2b)
     teacher: str = "out/bidir"  # real score (frozen) and the fake score's initialization
-    data: str = ""
-    out_dir: str = "out"
     name: str = "dmd"
     timesteps: tuple[int, ...] = (1000, 750, 500, 250)
     guidance: float = 1.0  # real-score CFG (3.0 at Wan scale; the toy captions restate frame 0)
     critic_steps: int = 5  # fake-score updates per generator update
     sigma_min: float = 0.02  # range of the noise level at which both scores are queried
     sigma_max: float = 0.98
-    frames: int = 8
-    height: int = 32
-    width: int = 32
-    text_len: int = 16
-    batch_size: int = 8
-    max_steps: int = 300  # generator steps
+    max_steps: int = 200  # generator steps
     lr: float = 1e-5  # generator (2e-6 at scale)
     critic_lr: float = 2e-5  # fake score
-    grad_clip: float = 1.0
-    ema: float = 0.99
-    shift: float = 1.0
-    text_drop: float = 0.0
-    camera_noise: float = 0.0
     eval_every: int = 100
-    eval_clips: int = 16
     save_every: int = 50
     seed: int = 4
-    resume: bool = False
-    stop_after: int = 0  # end this run after N steps as if interrupted (resume later with --resume)
-    quick: bool = False
-    device: str = ""
 
 
-QUICK = dict(frames=4, height=16, width=16, batch_size=2, max_steps=3, critic_steps=2, eval_every=3,
-             eval_clips=2, save_every=2)
+QUICK = {**common.QUICK, "max_steps": 3, "critic_steps": 2, "eval_every": 3, "save_every": 2}
 
 
 def self_rollout(gen, noise, text, cams, first, sigmas, exit_step, generator=None):

@@ -29,42 +29,21 @@ import prope
 
 
 @dataclass
-class Config:
+class Config(common.StageConfig):
     ckpt: str = "out/ar"  # the Stage 1 AR teacher
-    data: str = ""  # a cache from `python data.py prepare`; "" = the procedural world
-    out_dir: str = "out"
     name: str = "ode"
     pairs_dir: str = ""  # where the ODE pairs go ("" = OUT_DIR/ode_pairs)
-    pairs: int = 768  # clips of ODE data
+    pairs: int = 512  # clips of ODE data
     ode_steps: int = 48  # Euler steps of the teacher's PF-ODE (a multiple of the few-step count)
     timesteps: tuple[int, ...] = (1000, 750, 500, 250)  # the few-step list, warped through the shift
     guidance: float = 1.0  # teacher CFG; 1.0: the toy captions only restate what frame 0 shows
-    frames: int = 8
-    height: int = 32
-    width: int = 32
-    text_len: int = 16
-    batch_size: int = 8
-    max_steps: int = 800
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    warmup: int = 20
-    grad_clip: float = 1.0
-    ema: float = 0.99
-    shift: float = 1.0
-    text_drop: float = 0.0
-    camera_noise: float = 0.0
+    max_steps: int = 600
     eval_every: int = 200
-    eval_clips: int = 16
     save_every: int = 200
     seed: int = 2
-    resume: bool = False
-    stop_after: int = 0  # end this run after N steps as if interrupted (resume later with --resume)
-    quick: bool = False
-    device: str = ""
 
 
-QUICK = dict(frames=4, height=16, width=16, batch_size=2, pairs=4, ode_steps=8, max_steps=6, warmup=2,
-             eval_every=6, eval_clips=2, save_every=3)
+QUICK = {**common.QUICK, "pairs": 4, "ode_steps": 8}
 
 
 @torch.no_grad()

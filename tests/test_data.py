@@ -313,15 +313,7 @@ def test_start_view_is_ground_dominated():
     assert min(shares) >= 0.6 and np.mean(shares) <= 0.85
 
 
-def test_render_speed_and_bench():
-    cams = Cameras(data.load_cameras("w*3,l*2,d*2", pitch0=data.START_PITCH).w2c, data.default_K(8)[None])
-    data.render_world(0, cams, 32, 32)
-    t0 = time.perf_counter()
-    for seed in range(10):
-        data.render_world(seed, cams, 32, 32)
-    dt = (time.perf_counter() - t0) / 10
-    print(f"render_world 32x32x8: {1e3 * dt:.1f} ms/clip, {8 / dt:.0f} frames/s")
-    assert dt < 0.1
+def test_data_bench_runs():  # speed itself is measured by `python data.py bench` / bench.py, not asserted
     out = subprocess.run([sys.executable, "data.py", "bench", "--size", "16", "--frames", "4"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "frames/s" in out.stdout, out.stderr
@@ -513,7 +505,7 @@ def test_prepare_and_latent_dataset(tmp_path, capsys):
     assert item["K"].shape == (3, 4) and item["text"].shape == (6, 8)
     # bit-identical to what prepare computes, and to a manual encoding
     codec = data.WanVAECodec.load(tmp_path / "vae")
-    encode_text = data._text_encoder(str(tmp_path / "t5"), 6, 0)
+    encode_text = data.load_text_encoder(str(tmp_path / "t5"), 6, 0)
     for i, name in enumerate(["a", "b"]):
         fresh = data._prepare_item(src, name, codec, encode_text, 9, 32, 32, 6, "per_clip")
         assert all(torch.equal(ds[i][key], fresh[key]) for key in ("latents", "w2c", "K", "text"))

@@ -103,3 +103,19 @@ def test_bad_flags_one_line_exit_2(args, msg):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and msg in lines[0], r.stderr
+
+
+def test_bidir_trains_on_a_prepared_real_data_cache(tmp_path):
+    from test_data import write_video
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        write_video(src / f"v{i}.mp4", frames=4, seed=i)
+        data.save_cameras(src / f"v{i}.json", data.load_cameras("w*3" if i else "l*3"), width=64, height=48)
+        (src / f"v{i}.caption.txt").write_text("a red sphere on green ground\n")
+    assert data.prepare(src, tmp_path / "cache", frames=4, height=16, width=16, text_len=8, text_dim=64,
+                        text_encoder="hash") == ["v0", "v1"]
+    r = run(["train_bidir.py", "--quick", "--max_steps=2", f"--data={tmp_path}/cache", f"--out_dir={tmp_path}/o"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = common.load_checkpoint(f"{tmp_path}/o/bidir")
+    assert ck["meta"]["step"] == 2 and ck["meta"]["config"]["data"] == f"{tmp_path}/cache"
