@@ -309,6 +309,7 @@ def _atomic_write(path, write):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # readable like any other file, whatever the writer's default
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -523,8 +524,35 @@ def results_table(out_dir, stages=("bidir", "ar", "ode", "cd", "dmd")):
     return "\n".join(r for r in rows if r)
 
 
+def plot_control(out_dir, name, path=None, size=(520, 300)):
+    """PNG of the control metric over training (loss gaps, control margin): control emerges suddenly."""
+    from PIL import Image, ImageDraw
+    rows = [json.loads(x) for x in open(os.path.join(out_dir, f"{name}.metrics.jsonl")) if '"eval"' in x]
+    rows = [r for r in rows if r.get("model", name) == name]
+    curves = {"loss gap, sigma 0.5 (%)": ("loss_gap@0.5", 100, (200, 40, 40)), "loss gap, sigma 0.9 (%)": ("loss_gap@0.9", 100, (230, 140, 30)),
+              "control margin (dB x 20)": ("control_margin", 20, (40, 90, 200))}
+    W, H, L, B = size[0], size[1], 50, 40
+    steps = [r["step"] for r in rows]
+    vals = [v * sc for key, sc, _ in curves.values() for v in (r["eval"][key] for r in rows)]
+    lo, hi, smax = min(0.0, *vals), max(1.0, *vals), max(steps)
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    xy = lambda st, v: (L + (W - L - 10) * st / smax, H - B - (H - B - 20) * (v - lo) / (hi - lo))
+    d.line([xy(0, 0), xy(smax, 0)], fill=(150, 150, 150))
+    d.line([xy(0, lo), xy(0, hi)], fill=(150, 150, 150))
+    for i, (label, (key, sc, col)) in enumerate(curves.items()):
+        d.line([xy(r["step"], r["eval"][key] * sc) for r in rows], fill=col, width=2)
+        d.text((L + 10, 5 + 12 * i), label, fill=col)
+    d.text((L, H - B + 8), f"0 .. {smax} steps ({name})", fill=(0, 0, 0))
+    d.text((5, xy(0, hi)[1]), f"{hi:.0f}", fill=(0, 0, 0))
+    d.text((5, xy(0, 0)[1] - 6), "0", fill=(0, 0, 0))
+    img.save(path or os.path.join(out_dir, f"{name}_control.png"))
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "table":
         print(results_table(sys.argv[2]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "plot":
+        plot_control(sys.argv[2], sys.argv[3])
     else:
-        die("usage: python common.py table OUT_DIR")
+        die("usage: python common.py table OUT_DIR | python common.py plot OUT_DIR STAGE")

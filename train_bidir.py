@@ -29,9 +29,9 @@ class Config(common.StageConfig):
     init: str = ""  # base weights for model.load_pretrained; "" = from scratch
     prope: str = "inline"  # inline (from scratch) | branch (fine-tuning a base) | none (camera-free base)
     name: str = "bidir"
-    max_steps: int = 5400
+    max_steps: int = 10400
     lr: float = 1e-3
-    min_lr: float = 1e-4
+    min_lr: float = 3e-4
     warmup: int = 200
     weight_decay: float = 0.0
     ema: float = 0.998
