@@ -511,13 +511,15 @@ def results_table(out_dir, stages=("bidir", "ar", "ode", "cd", "dmd")):
         if not os.path.exists(path):
             continue
         lines = [json.loads(x) for x in open(path) if x.strip()]
-        timed = [x for x in lines if "time" in x]
+        timed = [x["time"] for x in lines if "time" in x]
+        # a resumed run restarts its clock: add up the segments
+        run_time = sum(a for a, b in zip(timed, timed[1:] + [0.0]) if b < a) if timed else 0.0
         for model in dict.fromkeys(x.get("model", name) for x in lines if "eval" in x):
             ev = [x for x in lines if "eval" in x and x.get("model", name) == model][-1]
             m = ev["eval"]
             label = model if model == name else f"{name}: baseline {model}"
             rows.append(f"| {label} | {samplers.get(model, '4 steps / chunk, KV cache')} | {ev['step']} | "
-                        f"{timed[-1]['time'] / 60:.0f} min | {m['psnr']:.2f} dB | {m['control_margin']:+.2f} dB "
+                        f"{run_time / 60:.0f} min | {m['psnr']:.2f} dB | {m['control_margin']:+.2f} dB "
                         f"({m['margin_wins']:.0%}) | {m['oracle_margin']:+.2f} dB | {m['margin_ratio']:.0%} | "
                         f"{m['loss_gap@0.5']:+.0%} / {m['loss_gap@0.9']:+.0%} | {m['gain_static']:+.2f} dB | "
                         f"{m['sharpness']:.2f} |" if timed else "")

@@ -68,14 +68,14 @@ def main():
         if rank == 0 and not cfg.data else None
     sigmas = M.euler_sigmas(cfg.sample_steps, cfg.shift)
 
-    def report(step):  # the shared control metric with the AR many-step sampler (KV cache)
+    def report(step, label=cfg.name):  # the shared control metric with the AR many-step sampler (KV cache)
         m = data.evaluate(*M.metric_fns(ema, "ar", sigmas), codec, clips,
-                          os.path.join(cfg.out_dir, f"{cfg.name}_sample.gif"), device)  # generated | truth
-        common.log(f"step {step} ema: {data.format_metric(m)}")
-        common.log_metrics(cfg.out_dir, cfg.name, dict(step=step, eval=m))
+                          os.path.join(cfg.out_dir, f"{label}_sample.gif"), device)  # generated | truth
+        common.log(f"step {step} {label}: {data.format_metric(m)}")
+        common.log_metrics(cfg.out_dir, cfg.name, dict(step=step, model=label, eval=m))
 
     if clips is not None and step == 0:
-        report(0)  # the bidirectional weights used autoregressively, before Stage 1
+        report(0, "bidir_as_ar")  # the bidirectional weights used autoregressively, before Stage 1
     bar = common.progress(cfg.max_steps, initial=step, desc=cfg.name)
     t0 = time.time()
     while step < cfg.max_steps:
