@@ -27,7 +27,7 @@ class Config(common.StageConfig):
     ckpt: str = "out/bidir"  # the Phase 1 checkpoint
     name: str = "ar"
     chunk: int = 2  # latent frames per AR chunk (4 at Wan scale)
-    max_steps: int = 1500
+    max_steps: int = 1000
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup: int = 50

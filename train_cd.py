@@ -30,7 +30,7 @@ class Config(common.StageConfig):
     grid: int = 48  # fine σ grid of the consistency steps (shifted schedule)
     timesteps: tuple[int, ...] = (1000, 750, 500, 250)  # the student's few-step sampler
     guidance: float = 1.0  # teacher CFG for the ODE step; 1.0: toy captions restate frame 0
-    max_steps: int = 800
+    max_steps: int = 300
     ema: float = 0.95  # the target network's decay (LCM / Causal Forcing++ use ~0.95)
     seed: int = 3
 
