@@ -505,7 +505,8 @@ def results_table(out_dir, stages=("bidir", "ar", "ode", "cd", "dmd")):
     head = ("| stage | sampler | steps | run time | PSNR | control margin (clips won) | oracle margin | "
             "margin/oracle | loss gap σ=.5 / .9 | gain over static | sharpness |")
     rows = [head, "|" + " --- |" * (head.count("|") - 1)]
-    samplers = {"bidir": "25 Euler, whole clip", "ar": "25 Euler / chunk, KV cache"}
+    samplers = {"bidir": "25 Euler, whole clip", "ar": "25 Euler / chunk, KV cache",
+                "teacher_4step_euler": "4 Euler / chunk, KV cache"}
     for name in stages:
         path = os.path.join(out_dir, f"{name}.metrics.jsonl")
         if not os.path.exists(path):
@@ -551,10 +552,44 @@ def plot_control(out_dir, name, path=None, size=(520, 300)):
     img.save(path or os.path.join(out_dir, f"{name}_control.png"))
 
 
+@torch.no_grad()
+def compare_samples(path, ckpts, clips=2, scale=3):
+    """PNG: for the first held-out clips, the truth's frames 1..F-1 above each checkpoint's 4-step
+    rollout of the same clip and noise (what the sharpness number means, as a picture)."""
+    import data, model as M
+    from PIL import Image, ImageDraw
+    ev = data.eval_clips(clips, 8, 32, 32, 64, 16)
+    codec, few = data.PixelCodec(2), M.few_step_sigmas((1000, 750, 500, 250))
+    rows = [("truth", ev["video"])]
+    for ck in ckpts:
+        net = or_die(M.load_pretrained, ck).eval()
+        sample, _ = M.metric_fns(net, "ar", few, renoise=True)
+        x0 = codec.encode(ev["video"])
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+        from prope import Cameras
+        out = sample(noise, ev["text"], Cameras(ev["w2c"], ev["K"]), x0[:, :, 0])
+        rows.append((Path(ck).name, codec.decode(out).clamp(-1, 1)))
+    F_, H, W = rows[0][1].shape[2:]
+    L, w, h = 60, W * scale, H * scale
+    img = Image.new("RGB", (L + (F_ - 1) * w, clips * len(rows) * h + (clips - 1) * 6), "white")
+    d = ImageDraw.Draw(img)
+    for c in range(clips):
+        for r, (name, vid) in enumerate(rows):
+            y = (c * len(rows) + r) * h + c * 6
+            d.text((4, y + h // 2 - 5), name, fill=(0, 0, 0))
+            for f in range(1, F_):  # frame 0 is given
+                px = ((vid[c, :, f] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+                img.paste(Image.fromarray(px).resize((w, h), Image.NEAREST), (L + (f - 1) * w, y))
+    img.save(path)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "table":
         print(results_table(sys.argv[2]))
     elif len(sys.argv) == 4 and sys.argv[1] == "plot":
         plot_control(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) >= 4 and sys.argv[1] == "compare":
+        compare_samples(sys.argv[2], sys.argv[3:])
     else:
-        die("usage: python common.py table OUT_DIR | python common.py plot OUT_DIR STAGE")
+        die("usage: python common.py table OUT_DIR | python common.py plot OUT_DIR STAGE | "
+            "python common.py compare OUT.png CKPT [CKPT ...]")

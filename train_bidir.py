@@ -36,6 +36,7 @@ class Config(common.StageConfig):
     weight_decay: float = 0.0
     ema: float = 0.998
     text_drop: float = 0.1  # caption dropout, so classifier-free guidance is possible later
+    sigma_mean: float = 0.0  # location of the logit-normal σ; > 0 trains more at high noise, where only the camera tells the motion
     eval_every: int = 1000
     sample_steps: int = 25
     save_every: int = 500
@@ -84,7 +85,7 @@ def main():
         b = source(step, rank, world, device)  # this rank's share of the global batch of `step`
         cond = M.image_cond(b["x0"][:, :, 0], b["x0"].shape[2])
         u = b["u"][:, 0].clamp(1e-4, 1 - 1e-4)
-        sigma = M.shift_sigma(torch.sigmoid(torch.special.ndtri(u)), cfg.shift)  # logit-normal σ, shifted
+        sigma = M.shift_sigma(torch.sigmoid(cfg.sigma_mean + torch.special.ndtri(u)), cfg.shift)  # logit-normal σ, shifted
         with common.autocast(device):
             loss = fm_loss(model, b["x0"], b["noise"], sigma, b["text"], b["cameras"], cond)
         opt.zero_grad(set_to_none=True)

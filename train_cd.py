@@ -70,15 +70,18 @@ def main():
     clips = data.eval_clips(cfg.eval_clips, cfg.frames, cfg.height, cfg.width, net.cfg.text_dim, cfg.text_len) \
         if rank == 0 and not cfg.data else None
 
-    def report(step, net_eval, name):
-        m = data.evaluate(*M.metric_fns(net_eval, "ar", few, renoise=True), codec, clips,
+    def report(step, net_eval, name, renoise=True):
+        m = data.evaluate(*M.metric_fns(net_eval, "ar", few, renoise=renoise), codec, clips,
                           os.path.join(cfg.out_dir, f"{name}_sample.gif"), device)
         common.log(f"step {step} {name}: {data.format_metric(m)}")
         common.log_metrics(cfg.out_dir, cfg.name, dict(step=step, model=name, eval=m))
 
     common.log(f"{cfg.name}: student and target from {cfg.ckpt}, grid {cfg.grid}, target EMA {cfg.ema}")
     if clips is not None and step == 0:
+        # the baselines a student must beat: the teacher at the same 4 steps, with the students'
+        # sampler (x0, then fresh noise) and with its own PF-ODE (Euler); both blur, see sharpness
         report(0, teacher, "teacher_4step")
+        report(0, teacher, "teacher_4step_euler", renoise=False)
     bar = common.progress(cfg.max_steps, initial=step, desc=cfg.name)
     t0 = time.time()
     while step < cfg.max_steps:

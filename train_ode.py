@@ -150,14 +150,17 @@ def main():
         if rank == 0 and not cfg.data else None
     few_sigmas = few + [0.0]
 
-    def report(step, net_eval, name):
-        m = data.evaluate(*M.metric_fns(net_eval, "ar", few_sigmas, renoise=True), codec, clips,
+    def report(step, net_eval, name, renoise=True):
+        m = data.evaluate(*M.metric_fns(net_eval, "ar", few_sigmas, renoise=renoise), codec, clips,
                           os.path.join(cfg.out_dir, f"{name}_sample.gif"), device)
         common.log(f"step {step} {name}: {data.format_metric(m)}")
         common.log_metrics(cfg.out_dir, cfg.name, dict(step=step, model=name, eval=m))
 
     if clips is not None and step == 0:
-        report(0, teacher, "teacher_4step")  # the baseline a student must beat
+        # the baselines a student must beat: the teacher at the same 4 steps, with the students'
+        # sampler (x0, then fresh noise) and with its own PF-ODE (Euler); both blur, see sharpness
+        report(0, teacher, "teacher_4step")
+        report(0, teacher, "teacher_4step_euler", renoise=False)
     bar = common.progress(cfg.max_steps, initial=step, desc=cfg.name)
     B = cfg.batch_size // world
     while step < cfg.max_steps:
