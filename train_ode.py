@@ -34,10 +34,10 @@ class Config(common.StageConfig):
     name: str = "ode"
     pairs_dir: str = ""  # where the ODE pairs go ("" = OUT_DIR/ode_pairs)
     pairs: int = 192  # clips of ODE data
-    ode_steps: int = 24  # Euler steps of the teacher's PF-ODE (a multiple of the few-step count)
+    ode_steps: int = 48  # Euler steps of the teacher's PF-ODE (a multiple of the few-step count)
     timesteps: tuple[int, ...] = (1000, 750, 500, 250)  # the few-step list, warped through the shift
     guidance: float = 1.0  # teacher CFG; 1.0: the toy captions only restate what frame 0 shows
-    max_steps: int = 300
+    max_steps: int = 400
     eval_every: int = 100
     save_every: int = 100
     seed: int = 2
