@@ -519,7 +519,7 @@ def results_table(out_dir, stages=("bidir", "ar", "ode", "cd", "dmd")):
             ev = [x for x in lines if "eval" in x and x.get("model", name) == model][-1]
             m = ev["eval"]
             label = model if model == name else f"{name}: baseline {model}"
-            rows.append(f"| {label} | {samplers.get(model, '4 steps / chunk, KV cache')} | {ev['step']} | "
+            rows.append(f"| {label} | {samplers.get(model, '4 renoise steps / chunk, KV cache')} | {ev['step']} | "
                         f"{run_time / 60:.0f} min | {m['psnr']:.2f} dB | {m['control_margin']:+.2f} dB "
                         f"({m['margin_wins']:.0%}) | {m['oracle_margin']:+.2f} dB | {m['margin_ratio']:.0%} | "
                         f"{m['loss_gap@0.5']:+.0%} / {m['loss_gap@0.9']:+.0%} | {m['gain_static']:+.2f} dB | "
