@@ -2,7 +2,8 @@
 # The whole minWM pipeline on the embedded procedural world, one stage after another:
 #   bidir (Phase 1) -> ar (Stage 1) -> ode (Stage 2a; --cd: cd, Stage 2b) -> dmd (Stage 3) -> infer
 #
-#   bash pipeline.sh                 the full tiny pipeline that produced assets/ (2-core CPU, ~2.5 h)
+#   bash pipeline.sh                 the full tiny pipeline (2-core CPU, ~2-2.5 h); assets/ came from the same
+#                                    scripts run stage by stage (each JSON holds its command), dmd from cd (--cd)
 #   bash pipeline.sh --quick         every stage at smoke size (minutes)
 #   bash pipeline.sh --from=ar       start at a stage, taking the earlier stages' checkpoints from assets/
 #   bash pipeline.sh --ship          also copy each trained checkpoint (EMA, fp16) into assets/

@@ -255,3 +255,19 @@ def test_seed_and_logging(tmp_path, capsys):
         common.set_log_file(None)
     assert "step 1 loss 0.5" in capsys.readouterr().out
     assert (tmp_path / "run" / "log.txt").read_text() == "step 1 loss 0.5\n"
+
+
+def test_compare_png_shows_the_truth_then_each_checkpoint(tmp_path):
+    from PIL import Image
+    import data
+    path = str(tmp_path / "cmp.png")
+    common.compare_samples(path, ["assets/cd", "assets/cd", "assets/dmd"], clips=1, scale=2)
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    h = 32 * 2
+    assert img.shape == (4 * h, 60 + 7 * h, 3)  # truth + 3 rows, frames 1..7
+    truth, cd1, cd2, dmd = (img[i * h:(i + 1) * h, 60:] for i in range(4))
+    assert np.array_equal(cd1, cd2)  # fixed noise: the same checkpoint draws the same row
+    assert not np.array_equal(cd1, dmd) and not np.array_equal(cd1, truth)
+    video = data.eval_clips(1, 8, 32, 32, 64, 16)["video"][0]  # (3, F, H, W) in [-1, 1]
+    frame1 = ((video[:, 1] + 1) * 127.5).round().clamp(0, 255).permute(1, 2, 0).numpy().astype(int)
+    assert np.array_equal(truth[::2, :32 * 2:2][:, :32], frame1)  # nearest upscale of the true frame 1
