@@ -558,17 +558,15 @@ def compare_samples(path, ckpts, clips=2, scale=3):
     rollout of the same clip and noise (what the sharpness number means, as a picture)."""
     import data, model as M
     from PIL import Image, ImageDraw
-    ev = data.eval_clips(clips, 8, 32, 32, 64, 16)
+    from prope import Cameras
+    ev = data.eval_clips(clips, 8, 32, 32, 64, 16)  # the tiny preset's held-out clips
     codec, few = data.PixelCodec(2), M.few_step_sigmas((1000, 750, 500, 250))
+    x0, cams = codec.encode(ev["video"]), Cameras(ev["w2c"], ev["K"])  # (B, C, F, h, w)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))  # the same for every row
     rows = [("truth", ev["video"])]
     for ck in ckpts:
-        net = or_die(M.load_pretrained, ck).eval()
-        sample, _ = M.metric_fns(net, "ar", few, renoise=True)
-        x0 = codec.encode(ev["video"])
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-        from prope import Cameras
-        out = sample(noise, ev["text"], Cameras(ev["w2c"], ev["K"]), x0[:, :, 0])
-        rows.append((Path(ck).name, codec.decode(out).clamp(-1, 1)))
+        sample, _ = M.metric_fns(or_die(M.load_pretrained, ck).eval(), "ar", few, renoise=True)
+        rows.append((Path(ck).name, codec.decode(sample(noise, ev["text"], cams, x0[:, :, 0])).clamp(-1, 1)))
     F_, H, W = rows[0][1].shape[2:]
     L, w, h = 60, W * scale, H * scale
     img = Image.new("RGB", (L + (F_ - 1) * w, clips * len(rows) * h + (clips - 1) * 6), "white")
