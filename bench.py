@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+import cameras
 import common
 import data
 import model as M
 import prope
+import world
 
 
 @dataclass
@@ -56,18 +58,19 @@ def main():
     cfg = common.parse_config(Config, quick=dict(repeats=2, long_frames=16))
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     B, F_ = cfg.batch_size, cfg.frames
-    codec = data.PixelCodec(2)
+    stage = common.StageConfig(batch_size=B, frames=F_)  # the embedded world's clip size and text length
+    H, W = stage.height, stage.width
+    codec, source = data.training_source(stage, M.make_config("tiny"))
     rows = []
 
-    # 1. data
-    t = timed(lambda: data.make_batch(0, 0, B, F_, 32, 32, text_dim=64, text_len=16), cfg.repeats, device)
-    rows.append(("render a batch (8 clips x 8 frames, 32x32)", t, f"{B * F_ / t:.0f} frames/s"))
+    # 1. data: a training batch rendered by the procedural world
+    t = timed(lambda: source(0, 0, 1), cfg.repeats, device)
+    rows.append((f"render a batch ({B} clips x {F_} frames, {H}x{W})", t, f"{B * F_ / t:.0f} frames/s"))
 
     # 2. a training step per PRoPE placement
-    b = data.make_batch(0, 0, B, F_, 32, 32, text_dim=64, text_len=16)
-    x0 = codec.encode(b["video"]).to(device)
-    cams = prope.Cameras(b["w2c"], b["K"]).to(device)
-    text, cond = b["text"].to(device), M.image_cond(x0[:, :, 0], F_)
+    b = source(0, 0, 1, device)
+    x0, cams, text = b["x0"], b["cameras"], b["text"]
+    cond = M.image_cond(x0[:, :, 0], F_)
     step_times = {}
     for placement in ("none", "inline", "branch"):
         net = M.DiT(M.make_config("tiny", prope=placement)).to(device)
@@ -86,13 +89,14 @@ def main():
     ar = load_or_random("dmd").to(device).eval()
     bidir = load_or_random("bidir").to(device).eval()
     one = slice(0, 1)
-    noise = torch.randn(1, ar.cfg.out_channels, F_, 16, 16, device=device)
+    h, w = x0.shape[-2:]  # latent size
+    noise = torch.randn(1, ar.cfg.out_channels, F_, h, w, device=device)
     c1, t1, cond1 = cams.frames(0, F_), text[one], cond[one]
     c1 = prope.Cameras(c1.w2c[one], c1.K[one])
-    few = M.few_step_sigmas((1000, 750, 500, 250))
+    few = M.few_step_sigmas(M.FEW_STEP_TIMESTEPS)
 
     def first_chunk():
-        cache = ar.new_cache(1, 16, 16, device=device)
+        cache = ar.new_cache(1, h, w, device=device)
         M.generate_chunk(ar, cache, noise[:, :, :ar.cfg.chunk], 0, t1, c1.frames(0, ar.cfg.chunk),
                          cond1[:, :, :ar.cfg.chunk], few, renoise=True)
     t_ar = timed(first_chunk, cfg.repeats, device)
@@ -102,11 +106,11 @@ def main():
 
     # 4. a chunk after a long prefix: through the cache vs recomputing the prefix under teacher forcing
     L = cfg.long_frames
-    long_cams = data.load_cameras(f"w*{L - 1}", pitch0=data.START_PITCH).to(device)
-    lx = torch.randn(1, ar.cfg.out_channels, L, 16, 16, device=device)
+    long_cams = cameras.load_cameras(f"w*{L - 1}", pitch0=world.START_PITCH).to(device)
+    lx = torch.randn(1, ar.cfg.out_channels, L, h, w, device=device)
     lcond = M.image_cond(lx[:, :, 0], L)
     with torch.no_grad():
-        cache = ar.new_cache(1, 16, 16, window=L, device=device)
+        cache = ar.new_cache(1, h, w, window=L, device=device)
         for s in range(0, L - ar.cfg.chunk, ar.cfg.chunk):
             ar(lx[:, :, s:s + ar.cfg.chunk], torch.zeros(1, device=device), t1, long_cams.frames(s, s + ar.cfg.chunk),
                lcond[:, :, s:s + ar.cfg.chunk], cache=cache, frame_offset=s, commit=True)
@@ -117,7 +121,7 @@ def main():
         t_full = timed(lambda: ar(lx, torch.full((1, L), 500.0, device=device), t1, long_cams, lcond, clean=lx),
                        cfg.repeats, device)
     rows.append((f"one denoising step of the last chunk, {L}-frame prefix, KV cache", t_cache, ""))
-    rows.append((f"same, recomputing the prefix (teacher-forcing forward)", t_full, f"x{t_full / t_cache:.1f} slower"))
+    rows.append(("same, recomputing the prefix (teacher-forcing forward)", t_full, f"x{t_full / t_cache:.1f} slower"))
 
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("| measurement | time | ratio |\n| --- | --- | --- |")

@@ -1,22 +1,10 @@
 """
-The small plumbing every minWM stage shares: config overrides from the command line, DDP set-up,
-seeding, logging, atomic checkpoint IO and a few training helpers. Nothing here knows about the
-model or the data.
-
-A stage uses it like this (plain torch DDP, the way nanoGPT does it):
-
-    rank, local_rank, world_size, device = setup_ddp()
-    if world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    raw_model = unwrap(model)               # save/EMA the raw module, not the DDP wrapper
-    for micro_step in range(accum):
-        # DDP all-reduces gradients in every backward; with gradient accumulation only the last
-        # micro-step needs it, so the others run under model.no_sync() (one sync per step)
-        with maybe_no_sync(model, last=micro_step == accum - 1), autocast(device):
-            loss = compute_loss(model, batch) / accum
-        loss.backward()
+The plumbing every minWM stage shares, and nothing else: `--key=value` flags, DDP set-up, seeding,
+logging, atomic checkpoint IO, and the few lines of training bookkeeping that every stage's loop
+ends with (`end_of_step`). It knows nothing about the model, the data or the metric; reports,
+tables and plots live in `metric.py`.
 """
-import contextlib, dataclasses, difflib, json, math, os, random, re, sys, types, typing
+import atexit, contextlib, copy, dataclasses, difflib, json, math, os, random, re, sys, time, types, typing
 from pathlib import Path
 
 import numpy as np
@@ -164,11 +152,16 @@ class StageConfig:
     lr: float = 1e-4
     min_lr: float = 1e-5
     warmup: int = 20
+    weight_decay: float = 0.0  # AdamW's; 0 everywhere (the models are small and the data endless)
     grad_clip: float = 1.0
     ema: float = 0.99
+    ema_warmup: int = 0  # steps during which the EMA copies the weights instead of averaging them:
+    #                      from scratch the first weights are noise not worth remembering; a stage
+    #                      that starts from trained weights keeps 0 (its EMA starts at those weights)
     shift: float = 1.0  # sigma shift of the flow-matching schedule (5 at Wan scale)
     text_drop: float = 0.0  # caption dropout: keeps the null-text branch alive for CFG
     camera_noise: float = 0.0  # ablation: jitter training poses like perception-estimated cameras
+    log_every: int = 10  # loss, lr, grad norm -> OUT_DIR/NAME.metrics.jsonl and the bar
     eval_every: int = 250  # control metric + sample gif
     eval_clips: int = 16
     save_every: int = 250
@@ -185,7 +178,7 @@ QUICK = dict(frames=4, height=16, width=16, batch_size=2, max_steps=6, warmup=2,
 # ----------------------------------------------------------------------------- DDP and seeding
 
 def setup_ddp(device=None):
-    """Read torchrun's env; init the process group only when WORLD_SIZE > 1.
+    """Read torchrun's env; init the process group only when WORLD_SIZE > 1 (torn down at exit).
     Returns (rank, local_rank, world_size, device); device defaults to cuda:LOCAL_RANK if any, else cpu."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -196,17 +189,24 @@ def setup_ddp(device=None):
         torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        atexit.register(cleanup_ddp)  # however the stage ends, the process group goes with it
     return rank, local_rank, world_size, device
 
-def start(cfg, name):
+def start(cfg):
     """The first lines of every stage: DDP, out_dir, log file, seeds. Returns (rank, local_rank, world, device, stem)."""
     rank, local_rank, world, device = setup_ddp(getattr(cfg, "device", "") or None)
     if cfg.batch_size % world:
         die(f"--batch_size={cfg.batch_size} is not divisible by the {world} processes")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    set_log_file(os.path.join(cfg.out_dir, f"{name}.log"))
+    set_log_file(os.path.join(cfg.out_dir, f"{cfg.name}.log"))
     seed_everything(cfg.seed, rank)
-    return rank, local_rank, world, device, os.path.join(cfg.out_dir, name)
+    return rank, local_rank, world, device, os.path.join(cfg.out_dir, cfg.name)
+
+def ddp(model, world, local_rank, device):
+    """The model wrapped in DistributedDataParallel when several processes train, else itself."""
+    if world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
 def cleanup_ddp():
     """Tear down the process group if one was started."""
@@ -239,9 +239,12 @@ def unwrap(model):
         model = model.module
     return getattr(model, "_orig_mod", model)
 
-def maybe_no_sync(model, last):
-    """model.no_sync() on a DDP model's non-final micro-steps, else a no-op context."""
-    return model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+def mix_seed(*ints):
+    """A deterministic 62-bit seed from a tuple of non-negative integers (seed, sample index, purpose, ...).
+
+    Every random draw of a sample is seeded from such a tuple, so it does not depend on which
+    process draws it or whether the run was resumed."""
+    return int(np.random.SeedSequence(ints).generate_state(1, np.uint64)[0] >> 2)
 
 def seed_everything(seed, rank=0):
     """Seed python, numpy and torch with seed + rank so ranks draw different noise; returns it."""
@@ -289,7 +292,7 @@ def progress(iterable_or_total, **kw):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _stem(path):  # "x", "x.safetensors", "x.json" and "x.opt.pt" all name checkpoint x
+def stem_of(path):  # "x", "x.safetensors", "x.json" and "x.opt.pt" all name checkpoint x
     return re.sub(r"\.(safetensors|json|opt\.pt)$", "", str(path))
 
 def _jsonable(x):
@@ -304,7 +307,7 @@ def _jsonable(x):
         return x
     return x.item() if isinstance(x, (np.generic, torch.Tensor)) and x.ndim == 0 else str(x)
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """write(tmp) then fsync and os.replace, so path is either the old file or the complete new one."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -342,7 +345,7 @@ def save_checkpoint(stem, state_dict, *, config, stage, step, parent=None, model
     is caught at load. optimizer may be one optimizer or a dict of them (e.g. DMD's two)."""
     if not is_main():
         return
-    stem = _stem(stem)
+    stem = stem_of(stem)
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     if isinstance(dtype, str):  # "fp16", "bf16", "fp32" or a torch name like "bfloat16"
         dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype))
@@ -356,24 +359,24 @@ def save_checkpoint(stem, state_dict, *, config, stage, step, parent=None, model
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "numpy": [keys.tolist(), int(pos), int(has_gauss), float(gauss)],
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        _atomic_write(stem + ".opt.pt", lambda p: torch.save({"optimizer": opt, "step": step, "rng": rng}, p))
+        atomic_write(stem + ".opt.pt", lambda p: torch.save({"optimizer": opt, "step": step, "rng": rng}, p))
     elif os.path.exists(stem + ".opt.pt"):
         os.remove(stem + ".opt.pt")  # a stale optimizer state must not be resumed with new weights
     header = {"format": "pt", "stage": stage, "step": str(step)}
-    _atomic_write(stem + ".safetensors", lambda p: save_file(tensors, p, metadata=header))
+    atomic_write(stem + ".safetensors", lambda p: save_file(tensors, p, metadata=header))
     meta = {"config": _jsonable(config), "model": _jsonable(model_config), "stage": stage, "step": step,
             "parent": parent, "command": " ".join(sys.argv), "dtype": str(dtype or "as trained")}
     for k, v in (extra or {}).items():
         if k in meta:
             raise ValueError(f"save_checkpoint: extra key {k!r} clashes with a standard field")
         meta[k] = _jsonable(v)
-    _atomic_write(stem + ".json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(stem + ".json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     return stem
 
 def load_checkpoint(path, device="cpu", load_opt=True):
     """Read x / x.safetensors / x.json -> dict(state, ema (None if absent), meta, opt (None if absent)).
     Any missing, truncated or inconsistent file raises ValueError with one line naming it."""
-    stem = _stem(path)
+    stem = stem_of(path)
     json_path, st_path, opt_path = stem + ".json", stem + ".safetensors", stem + ".opt.pt"
     for p in (json_path, st_path):
         if not os.path.exists(p):
@@ -429,7 +432,7 @@ def restore_training_state(ckpt, optimizer, rank=0):
 
 def resume(stem, model, ema=None, optimizer=None, rank=0):
     """--resume: load weights, EMA, optimizer and RNG from stem if it exists; returns the step (0 if none)."""
-    if not os.path.exists(_stem(stem) + ".json"):
+    if not os.path.exists(stem_of(stem) + ".json"):
         log(f"nothing to resume at {stem}; starting fresh")
         return 0
     ck = or_die(load_checkpoint, stem)
@@ -443,18 +446,27 @@ def resume(stem, model, ema=None, optimizer=None, rank=0):
     log(f"resumed {stem} at step {step}")
     return step
 
+def setup_training(cfg, net, stem, rank, world, local_rank, device):
+    """What a stage trains with: (ema, optimizer, first_step, model). The EMA starts as a frozen copy of
+    net, first_step comes from --resume (0 for a fresh run), and model is net wrapped for DDP when
+    several processes train (call model in the loss; save and EMA the raw net)."""
+    ema = frozen_copy(net)
+    optimizer = adamw(net.parameters(), cfg)
+    first_step = resume(stem, net, ema, optimizer, rank) if cfg.resume else 0
+    return ema, optimizer, first_step, ddp(net, world, local_rank, device)
+
 def ship(src, dst, dtype="fp16"):
     """Copy a trained checkpoint's EMA weights (or raw if none) as a small fp16 file, keeping its JSON
     (the training command included) and noting where it came from. For assets/ (kept under 5 MB)."""
     ck = load_checkpoint(src, load_opt=False)
-    dst = _stem(dst)
+    dst = stem_of(dst)
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     tensors = _prepare(ck["ema"] or ck["state"], dt)
     header = {"format": "pt", "stage": ck["meta"]["stage"], "step": str(ck["meta"]["step"])}
-    _atomic_write(dst + ".safetensors", lambda p: save_file(tensors, p, metadata=header))
-    meta = {**ck["meta"], "dtype": dtype, "weights": "ema" if ck["ema"] else "raw", "shipped_from": _stem(src)}
-    _atomic_write(dst + ".json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(dst + ".safetensors", lambda p: save_file(tensors, p, metadata=header))
+    meta = {**ck["meta"], "dtype": dtype, "weights": "ema" if ck["ema"] else "raw", "shipped_from": stem_of(src)}
+    atomic_write(dst + ".json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     return dst
 
 # ----------------------------------------------------------------------------- training helpers
@@ -464,6 +476,42 @@ def autocast(device):
     if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+def adamw(params, cfg, lr=None, betas=(0.9, 0.99)):
+    """Every stage's optimizer: AdamW with the stage's weight decay (0 by default), lr set per step by set_lr."""
+    return torch.optim.AdamW(params, lr=lr or cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
+
+def set_lr(optimizer, cfg, step):
+    """Put lr_at(step) (warmup, then cosine from cfg.lr to cfg.min_lr) into the optimizer; returns it."""
+    lr = lr_at(step, cfg.warmup, cfg.max_steps, cfg.lr, cfg.min_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+def lr_at(step, warmup, max_steps, max_lr, min_lr):
+    """Linear warmup, then cosine decay from max_lr to min_lr at max_steps, min_lr afterwards."""
+    if step < warmup:
+        return max_lr * (step + 1) / (warmup + 1)
+    if step >= max_steps:
+        return min_lr
+    ratio = (step - warmup) / (max_steps - warmup)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+def optimizer_step(loss, optimizer, model, cfg, step, ema=None, average_grads=False):
+    """One update of every stage: zero_grad, backward, clip to cfg.grad_clip, step, then the EMA of the
+    weights (decay cfg.ema; a plain copy before step cfg.ema_warmup). Returns the gradient norm.
+
+    average_grads: for a model trained without the DDP wrapper (DMD: several forwards of one model
+    feed one backward, which DDP's hooks do not allow), so its gradients are averaged here."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if average_grads:
+        all_reduce_grads(model)
+    norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), cfg.grad_clip)
+    optimizer.step()
+    if ema is not None:
+        update_ema(ema, model, 0.0 if step < cfg.ema_warmup else cfg.ema)
+    return norm
 
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
@@ -479,115 +527,47 @@ def requires_grad(model, flag=True):
     for p in model.parameters():
         p.requires_grad_(flag)
 
-def lr_at(step, warmup, max_steps, max_lr, min_lr):
-    """Linear warmup, then cosine decay from max_lr to min_lr at max_steps, min_lr afterwards."""
-    if step < warmup:
-        return max_lr * (step + 1) / (warmup + 1)
-    if step >= max_steps:
-        return min_lr
-    ratio = (step - warmup) / (max_steps - warmup)
-    return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+def frozen(model):
+    """model in eval mode with gradients off (a teacher, a real score); returns it."""
+    requires_grad(model, False)
+    return model.eval()
 
-def check_finite(loss, step, last_ckpt=None, before_exit=None):
-    """Return loss as a float; on nan/inf call before_exit() (e.g. to save a debug state) and die.
-    It syncs with the GPU, so call it where you would call loss.item() anyway (the log step)."""
-    value = float(loss)
+def frozen_copy(model):
+    """A frozen deep copy of model: the EMA of a stage's weights, a critic's starting point."""
+    return frozen(copy.deepcopy(unwrap(model)))
+
+def check_finite(value, what, step):
+    """value as a float; a nan/inf stops the run with one line (the last saved checkpoint stays good).
+    It syncs with the GPU, so call it where you would call .item() anyway (the log step)."""
+    value = float(value)
     if not math.isfinite(value):
-        if before_exit is not None:
-            before_exit()
-        die(f"loss is {value} at step {step}" + (f" (last checkpoint: {last_ckpt})" if last_ckpt else ""))
+        die(f"{what} is {value} at step {step}")
     return value
 
-# ----------------------------------------------------------------------------- the results table
+def last_step(cfg):
+    """The step this invocation ends at: --stop_after (an interruption on purpose) or --max_steps."""
+    return min(cfg.stop_after or cfg.max_steps, cfg.max_steps)
 
-def results_table(out_dir, stages=("bidir", "ar", "ode", "cd", "dmd")):
-    """Markdown table of each stage's last control metric (from OUT/NAME.metrics.jsonl) and run time."""
-    head = ("| stage | sampler | steps | run time | PSNR | control margin (clips won) | oracle margin | "
-            "margin/oracle | loss gap σ=.5 / .9 | gain over static | sharpness |")
-    rows = [head, "|" + " --- |" * (head.count("|") - 1)]
-    samplers = {"bidir": "25 Euler, whole clip", "ar": "25 Euler / chunk, KV cache",
-                "teacher_4step_euler": "4 Euler / chunk, KV cache"}
-    for name in stages:
-        path = os.path.join(out_dir, f"{name}.metrics.jsonl")
-        if not os.path.exists(path):
-            continue
-        lines = [json.loads(x) for x in open(path) if x.strip()]
-        timed = [x["time"] for x in lines if "time" in x]
-        # a resumed run restarts its clock: add up the segments
-        run_time = sum(a for a, b in zip(timed, timed[1:] + [0.0]) if b < a) if timed else 0.0
-        for model in dict.fromkeys(x.get("model", name) for x in lines if "eval" in x):
-            ev = [x for x in lines if "eval" in x and x.get("model", name) == model][-1]
-            m = ev["eval"]
-            label = model if model == name else f"{name}: baseline {model}"
-            rows.append(f"| {label} | {samplers.get(model, '4 renoise steps / chunk, KV cache')} | {ev['step']} | "
-                        f"{run_time / 60:.0f} min | {m['psnr']:.2f} dB | {m['control_margin']:+.2f} dB "
-                        f"({m['margin_wins']:.0%}) | {m['oracle_margin']:+.2f} dB | {m['margin_ratio']:.0%} | "
-                        f"{m['loss_gap@0.5']:+.0%} / {m['loss_gap@0.9']:+.0%} | {m['gain_static']:+.2f} dB | "
-                        f"{m['sharpness']:.2f} |" if timed else "")
-    return "\n".join(r for r in rows if r)
+def end_of_step(cfg, step, bar, t0, scalars, saves):
+    """The bookkeeping after optimizer step `step` (counted from 1) in every stage; True when the
+    control metric is due (every eval_every steps and at max_steps).
 
-
-def plot_control(out_dir, name, path=None, size=(520, 300)):
-    """PNG of the control metric over training (loss gaps, control margin): control emerges suddenly."""
-    from PIL import Image, ImageDraw
-    rows = [json.loads(x) for x in open(os.path.join(out_dir, f"{name}.metrics.jsonl")) if '"eval"' in x]
-    rows = [r for r in rows if r.get("model", name) == name]
-    curves = {"loss gap, sigma 0.5 (%)": ("loss_gap@0.5", 100, (200, 40, 40)), "loss gap, sigma 0.9 (%)": ("loss_gap@0.9", 100, (230, 140, 30)),
-              "control margin (dB x 20)": ("control_margin", 20, (40, 90, 200))}
-    W, H, L, B = size[0], size[1], 50, 40
-    steps = [r["step"] for r in rows]
-    vals = [v * sc for key, sc, _ in curves.values() for v in (r["eval"][key] for r in rows)]
-    lo, hi, smax = min(0.0, *vals), max(1.0, *vals), max(steps)
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    xy = lambda st, v: (L + (W - L - 10) * st / smax, H - B - (H - B - 20) * (v - lo) / (hi - lo))
-    d.line([xy(0, 0), xy(smax, 0)], fill=(150, 150, 150))
-    d.line([xy(0, lo), xy(0, hi)], fill=(150, 150, 150))
-    for i, (label, (key, sc, col)) in enumerate(curves.items()):
-        d.line([xy(r["step"], r["eval"][key] * sc) for r in rows], fill=col, width=2)
-        d.text((L + 10, 5 + 12 * i), label, fill=col)
-    d.text((L, H - B + 8), f"0 .. {smax} steps ({name})", fill=(0, 0, 0))
-    d.text((5, xy(0, hi)[1]), f"{hi:.0f}", fill=(0, 0, 0))
-    d.text((5, xy(0, 0)[1] - 6), "0", fill=(0, 0, 0))
-    img.save(path or os.path.join(out_dir, f"{name}_control.png"))
-
-
-@torch.no_grad()
-def compare_samples(path, ckpts, clips=2, scale=3):
-    """PNG: for the first held-out clips, the truth's frames 1..F-1 above each checkpoint's 4-step
-    rollout of the same clip and noise (what the sharpness number means, as a picture)."""
-    import data, model as M
-    from PIL import Image, ImageDraw
-    from prope import Cameras
-    ev = data.eval_clips(clips, 8, 32, 32, 64, 16)  # the tiny preset's held-out clips
-    codec, few = data.PixelCodec(2), M.few_step_sigmas((1000, 750, 500, 250))
-    x0, cams = codec.encode(ev["video"]), Cameras(ev["w2c"], ev["K"])  # (B, C, F, h, w)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))  # the same for every row
-    rows = [("truth", ev["video"])]
-    for ck in ckpts:
-        sample, _ = M.metric_fns(or_die(M.load_pretrained, ck).eval(), "ar", few, renoise=True)
-        rows.append((Path(ck).name, codec.decode(sample(noise, ev["text"], cams, x0[:, :, 0])).clamp(-1, 1)))
-    F_, H, W = rows[0][1].shape[2:]
-    L, w, h = 60, W * scale, H * scale
-    img = Image.new("RGB", (L + (F_ - 1) * w, clips * len(rows) * h + (clips - 1) * 6), "white")
-    d = ImageDraw.Draw(img)
-    for c in range(clips):
-        for r, (name, vid) in enumerate(rows):
-            y = (c * len(rows) + r) * h + c * 6
-            d.text((4, y + h // 2 - 5), name, fill=(0, 0, 0))
-            for f in range(1, F_):  # frame 0 is given
-                px = ((vid[c, :, f] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-                img.paste(Image.fromarray(px).resize((w, h), Image.NEAREST), (L + (f - 1) * w, y))
-    img.save(path)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "table":
-        print(results_table(sys.argv[2]))
-    elif len(sys.argv) == 4 and sys.argv[1] == "plot":
-        plot_control(sys.argv[2], sys.argv[3])
-    elif len(sys.argv) >= 4 and sys.argv[1] == "compare":
-        compare_samples(sys.argv[2], sys.argv[3:])
-    else:
-        die("usage: python common.py table OUT_DIR | python common.py plot OUT_DIR STAGE | "
-            "python common.py compare OUT.png CKPT [CKPT ...]")
+    scalars: {name: number or tensor} - averaged over ranks, checked finite, shown on the bar and
+    appended to OUT_DIR/NAME.metrics.jsonl every log_every steps and at the last step.
+    saves: a list of save_checkpoint arguments (stem, state_dict, stage, ...), written every
+    save_every steps and at the last step of this invocation (so --stop_after leaves a resumable state).
+    The bar closes after the last step.
+    """
+    last = step == last_step(cfg)
+    bar.update(1)
+    if step % cfg.log_every == 0 or last:
+        values = {k: check_finite(all_reduce_mean(v.detach()) if torch.is_tensor(v) else v, k, step)
+                  for k, v in scalars.items()}
+        bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
+        log_metrics(cfg.out_dir, cfg.name, dict(step=step, **values, time=time.time() - t0))
+    if step % cfg.save_every == 0 or last:
+        for kw in saves:
+            save_checkpoint(config=cfg, step=step, **kw)
+    if last:
+        bar.close()
+    return step % cfg.eval_every == 0 or step == cfg.max_steps

@@ -1,6 +1,6 @@
 """Stream a camera-controlled video from an AR checkpoint, chunk by chunk, through the KV cache.
 
-    python infer.py --cameras assets/orbit.json               # any format data.load_cameras reads
+    python infer.py --cameras assets/orbit.json               # any format cameras.load_cameras reads
     python infer.py --actions "w*8,j*4" --scene_seed 1000000003
     python infer.py --interactive                             # one action line on stdin -> one chunk
     python infer.py --ckpt wan_minwm.safetensors --vae Wan2.1-VAE/ --image first.png --prompt "..." \
@@ -19,9 +19,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import cameras
 import common
 import data
 import model as M
+import world
 
 
 @dataclass
@@ -83,7 +85,7 @@ def action_lines(chunk):
         if not line or line == "q":
             return
         try:
-            steps = data.parse_actions(line)
+            steps = cameras.parse_actions(line)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)  # a typo ends nothing: ask for the next line
             continue
@@ -94,7 +96,7 @@ def action_lines(chunk):
 
 def main():
     cfg = common.parse_config(Config)
-    rank, local_rank, world, device = common.setup_ddp(cfg.device or None)
+    rank, local_rank, world_size, device = common.setup_ddp(cfg.device or None)
     torch.manual_seed(cfg.seed)
     if sum(map(bool, (cfg.cameras, cfg.actions, cfg.interactive))) != 1:
         common.die("give exactly one of --cameras FILE, --actions STRING or --interactive")
@@ -110,19 +112,19 @@ def main():
         common.die(f"{ckpt}: latents have {mc.out_channels} channels; pass --vae=FOLDER (Wan VAE)")
     if cfg.height % (codec.spatial * mc.patch_size[1]) or cfg.width % (codec.spatial * mc.patch_size[2]):
         common.die(f"--height/--width must be multiples of {codec.spatial * mc.patch_size[1]} for this model")
-    pitch0 = 0.0 if cfg.image else data.START_PITCH  # typed paths start from the procedural start pose
-    load = lambda src: data.load_cameras(src, cfg.trans_step, cfg.rot_step, cfg.width, cfg.height, pitch0=pitch0)
+    pitch0 = 0.0 if cfg.image else world.START_PITCH  # typed paths start from the procedural start pose
+    load = lambda src: cameras.load_cameras(src, cfg.trans_step, cfg.rot_step, cfg.width, cfg.height, pitch0=pitch0)
     if cfg.cameras:
         common.check_file(cfg.cameras, "--cameras file")
-    cameras = None if cfg.interactive else common.or_die(load, cfg.cameras or cfg.actions)
+    path = None if cfg.interactive else common.or_die(load, cfg.cameras or cfg.actions)  # Cameras (1, F)
 
     # first frame and text
-    first_cams = load("x") if cameras is None else cameras
+    first_cams = load("x") if path is None else path
     if cfg.image:
         frame0 = read_image(common.check_file(cfg.image, "--image"), cfg.height, cfg.width)
     else:
-        frame0 = data.render_world(cfg.scene_seed, first_cams.frames(0, 1), cfg.height, cfg.width)[:, 0]
-    caption = cfg.prompt or ("" if cfg.image else data.caption(cfg.scene_seed))
+        frame0 = world.render_world(cfg.scene_seed, first_cams.frames(0, 1), cfg.height, cfg.width)[:, 0]
+    caption = cfg.prompt or ("" if cfg.image else world.caption(cfg.scene_seed))
     if cfg.text_emb:
         from safetensors.torch import load_file
         try:
@@ -132,7 +134,7 @@ def main():
     elif cfg.text_encoder:
         text = data.load_text_encoder(cfg.text_encoder, cfg.text_len, mc.text_dim)(caption)
     else:
-        text = data.text_embedding(caption, mc.text_dim, cfg.text_len)
+        text = world.text_embedding(caption, mc.text_dim, cfg.text_len)
     if text.ndim != 2 or text.shape[1] != mc.text_dim:
         common.die(f"text embedding must be (L, {mc.text_dim}), got {tuple(text.shape)}")
     text = text[None].float().to(device)
@@ -150,8 +152,8 @@ def main():
     cache = net.new_cache(1, h, w, sink=cfg.sink, window=cfg.window, device=device)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     latencies, all_steps, start, t_begin = [], [], 0, time.perf_counter()
-    if cameras is not None:
-        total = cameras.num_frames
+    if path is not None:
+        total = path.num_frames
         chunks = iter([None] * -(-total // chunk))
         bar = common.progress(-(-total // chunk), desc="chunks", unit="chunk")
     else:
@@ -162,7 +164,7 @@ def main():
             cams_all = load(",".join(all_steps)) if all_steps else load("x").frames(0, 1)
             stop = cams_all.num_frames
         else:
-            cams_all, stop = cameras, min(start + chunk, cameras.num_frames)
+            cams_all, stop = path, min(start + chunk, path.num_frames)
         c_cams = cams_all.frames(start, stop).to(device)
         noise = torch.randn((1, mc.out_channels, stop - start, h, w), generator=gen, device=device)
         t0 = time.perf_counter()
@@ -191,7 +193,7 @@ def main():
     if not latencies:
         common.die("no actions were given on stdin")
     total_time = time.perf_counter() - t_begin
-    data.plot_trajectory(final_cams, stem + "_path.png", title=os.path.basename(stem))
+    cameras.plot_trajectory(final_cams, stem + "_path.png", title=os.path.basename(stem))
     report = dict(settings={**asdict(cfg), "ckpt": ckpt, "chunk": chunk, "sigmas": sigmas},
                   frames=start, chunks=len(latencies), first_chunk_latency_s=latencies[0],
                   chunk_latency_s=latencies, fps=start / sum(latencies), wall_s=total_time,

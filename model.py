@@ -3,7 +3,7 @@
 Read top to bottom:
   1. ModelConfig and PRESETS ("tiny" = the embedded procedural world, "wan2.1-t2v-1.3b" = the real model)
   2. small pieces: sinusoidal time embedding, Wan's 3D RoPE (interleaved pairs), LayerNorm in fp32
-  3. the attention function and the three modes (DESIGN §2):
+  3. the attention function and the three modes (README, Design notes):
        bidirectional  - every token sees every token (Phase 1, DMD's real and fake scores)
        teacher forcing - the sequence [clean F frames | noisy F frames] under a block-causal mask (Stage 1-2)
        cached rollout  - a chunk attends to a preallocated per-layer KV cache (sink + local window) (infer, DMD)
@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -178,7 +178,7 @@ def teacher_forcing_mask(frames, chunk, tokens_per_frame, device=None):
 
 
 class KVCache:
-    """Per-layer preallocated keys/values for a chunk-by-chunk rollout (DESIGN §2, mode 3).
+    """Per-layer preallocated keys/values for a chunk-by-chunk rollout (attention mode 3, the rollout).
 
     Slots, in frames: [sink | window (ring) | scratch (one chunk)]. The chunk being denoised writes
     its K/V into the scratch slots on every step; the final t = 0 pass (`commit=True`) copies its
@@ -431,8 +431,12 @@ class DiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. flow matching: schedule and samplers (DESIGN §2)
+# 5. flow matching: schedule and samplers (README, Design notes: sigma and t)
 #    sigma in [0, 1], t = 1000 sigma, x_t = (1 - sigma) x0 + sigma noise, v = noise - x0, x0 = x_t - sigma v
+
+
+# the few-step sampler's timesteps (Self-Forcing / Causal Forcing lineage), warped through the shift
+FEW_STEP_TIMESTEPS = (1000, 750, 500, 250)
 
 
 def shift_sigma(sigma, shift):
@@ -445,7 +449,7 @@ def euler_sigmas(steps, shift=1.0):
     return shift_sigma(torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift).tolist()
 
 
-def few_step_sigmas(timesteps=(1000, 750, 500, 250), shift=1.0):
+def few_step_sigmas(timesteps=FEW_STEP_TIMESTEPS, shift=1.0):
     """The few-step list warped through the shifted schedule, with a final 0 appended."""
     return [float(shift_sigma(torch.tensor(t / 1000.0, dtype=torch.float64), shift)) for t in timesteps] + [0.0]
 
@@ -455,7 +459,20 @@ def add_noise(x0, noise, sigma):
     return (1 - sigma) * x0 + sigma * noise
 
 
-def _t(sigma, B, device):
+def flow_matching_loss(model, x0, noise, sigma, text, cameras, cond, clean=None):
+    """MSE between the predicted velocity at x_t = (1 - σ) x0 + σ ε and the target v = ε - x0.
+
+    Phase 1 (paper §2.1: bidirectional, whole clips); Stage 1 (§2.2: clean= the ground-truth clip,
+    teacher forcing, σ per chunk); Stage 3's critic (§2.3: x0 = the student's samples).
+    sigma: (B,) one level per clip, or (B, F) one per latent frame.
+    """
+    s = sigma.view(-1, 1, 1, 1, 1) if sigma.ndim == 1 else sigma[:, None, :, None, None]
+    v = model(add_noise(x0, noise, s), 1000 * sigma, text, cameras, cond, clean=clean)
+    return F.mse_loss(v.float(), (noise - x0).float())
+
+
+def timestep(sigma, B, device):
+    """(B,) network timesteps t = 1000 sigma for a python float sigma."""
     return torch.full((B,), 1000.0 * sigma, device=device)
 
 
@@ -477,7 +494,7 @@ def sample_bidir(model, noise, context, cameras=None, cond=None, sigmas=None, gu
     """Euler integration of the PF-ODE over the whole clip (bidirectional mode), optional CFG."""
     x = noise
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        v = guided_velocity(model, x, _t(s, x.shape[0], x.device), context, cameras, cond, guidance=guidance)
+        v = guided_velocity(model, x, timestep(s, x.shape[0], x.device), context, cameras, cond, guidance=guidance)
         x = x + (s_next - s) * v
         if progress is not None:
             progress()
@@ -490,20 +507,20 @@ def generate_chunk(model, cache, noise, start, context, cameras=None, cond=None,
     """Denoise one chunk (noise (B, C, f, h, w), first frame at absolute index `start`) against the cache.
 
     renoise=False: Euler steps (many-step sampling of the AR diffusion model); renoise=True: the
-    few-step sampler - predict x0, re-noise to the next sigma with fresh noise (DESIGN §2). Then the
+    few-step sampler - predict x0, re-noise to the next sigma with fresh noise (Stages 2-3). Then the
     clean chunk is re-run once at t = 0 with commit=True so it becomes context for the next chunks.
     """
     x = noise
     B = x.shape[0]
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        v = model(x, _t(s, B, x.device), context, cameras, cond, cache=cache, frame_offset=start)
+        v = model(x, timestep(s, B, x.device), context, cameras, cond, cache=cache, frame_offset=start)
         if renoise:
             x0 = x - s * v
             eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if s_next > 0 else 0
             x = add_noise(x0, eps, s_next)
         else:
             x = x + (s_next - s) * v
-    model(x, _t(0.0, B, x.device), context, cameras, cond, cache=cache, commit=True, frame_offset=start)
+    model(x, timestep(0.0, B, x.device), context, cameras, cond, cache=cache, commit=True, frame_offset=start)
     return x
 
 
@@ -523,33 +540,11 @@ def sample_ar(model, noise, context, cameras=None, cond=None, sigmas=None, renoi
     return torch.cat(out, 2)
 
 
-def metric_fns(net, mode, sigmas, renoise=False):
-    """(sample, velocity) callables for data.control_metric, so every stage is measured the same way.
-
-    mode "bidir": whole-clip Euler sampling, bidirectional velocity; mode "ar": chunked rollout through
-    the KV cache (renoise=True for the few-step sampler), teacher-forcing velocity (clean = x0).
-    """
-    def sample(noise, text, cams, first):
-        cond = image_cond(first, noise.shape[2])
-        if mode == "bidir":
-            return sample_bidir(net, noise, text, cams, cond, sigmas)
-        return sample_ar(net, noise, text, cams, cond, sigmas, renoise=renoise, 
-                         generator=torch.Generator(noise.device).manual_seed(0))
-
-    @torch.no_grad()
-    def velocity(x_t, s, text, cams, first, x0):
-        t = torch.full(x_t.shape[:1], 1000.0 * s, device=x_t.device)
-        cond = image_cond(first, x_t.shape[2])
-        return net(x_t, t, text, cams, cond) if mode == "bidir" else net(x_t, t, text, cams, cond, clean=x0)
-
-    return sample, velocity
-
-
 def image_cond(first, frames, start=0):
     """TI2V condition: the first latent frame copied into every frame's channels + a frame-0 mask.
 
     first: (B, C, H, W) -> (B, C + 1, F, H, W) for frames [start, start + F) of the video. Copying frame 0 everywhere (not only at frame 0) lets
-    every chunk of an AR rollout see the image directly (DESIGN §4: it helped the CPU prototypes).
+    every chunk of an AR rollout see the image directly (it helped the CPU prototypes learn control).
     """
     B, C, H, W = first.shape
     cond = first[:, :, None].expand(B, C, frames, H, W)

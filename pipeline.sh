@@ -47,5 +47,5 @@ done
 echo "== infer"
 python infer.py --ckpt="$(ckpt dmd)" --cameras=assets/orbit.json --out="$OUT/infer_orbit.mp4" \
   $([ -n "$QUICK" ] && echo "--height=16 --width=16")
-python common.py table "$OUT" | tee "$OUT/results.md"
+python metric.py table "$OUT" | tee "$OUT/results.md"
 echo "first-chunk latency: $(python -c "import json; print(round(1000 * json.load(open('$OUT/infer_orbit.json'))['first_chunk_latency_s']), 'ms')")" | tee -a "$OUT/results.md"

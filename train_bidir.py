@@ -9,17 +9,14 @@ preset (inline PRoPE: projective and RoPE channels share one attention).
     python train_bidir.py --quick                  # smoke size
     torchrun --nproc_per_node=8 train_bidir.py --init=Wan2.1-T2V-1.3B/ --data=cache/ --preset=wan2.1-t2v-1.3b
 """
-import copy
-import os
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import data
+import metric
 import model as M
 
 
@@ -36,8 +33,8 @@ class Config(common.StageConfig):
     lr: float = 1e-3
     min_lr: float = 3e-4
     warmup: int = 200
-    weight_decay: float = 0.0
     ema: float = 0.998
+    ema_warmup: int = 200  # from scratch: the EMA starts once the first, random weights are behind
     text_drop: float = 0.1  # caption dropout, so classifier-free guidance is possible later
     sigma_mean: float = 0.7  # location of the logit-normal σ; > 0 trains more at high noise, where only the camera tells the motion
     eval_every: int = 3000
@@ -45,19 +42,12 @@ class Config(common.StageConfig):
     save_every: int = 500
 
 
-QUICK = {**common.QUICK, "sample_steps": 3}
-
-
-def fm_loss(model, x0, noise, sigma, text, cams, cond):
-    """Phase 1 loss (paper §2.1): flow matching on x_t = (1 - σ) x0 + σ ε, target v = ε - x0."""
-    s = sigma.view(-1, 1, 1, 1, 1)
-    v = model(M.add_noise(x0, noise, s), 1000 * sigma, text, cams, cond)
-    return F.mse_loss(v.float(), (noise - x0).float())
+QUICK = {**common.QUICK, "sample_steps": 3, "ema_warmup": 2}
 
 
 def main():
     cfg = common.parse_config(Config, quick=QUICK)
-    rank, local_rank, world, device, stem = common.start(cfg, cfg.name)
+    rank, local_rank, world, device, stem = common.start(cfg)
 
     # model: base weights + zero-init PRoPE branch, or from scratch
     if cfg.init:  # base weights (+ zero-init PRoPE branch, + zero-init image-condition channels)
@@ -68,53 +58,25 @@ def main():
         net = M.DiT(M.make_config(cfg.preset, prope=cfg.prope))
     net.to(device)
     codec, source = data.training_source(cfg, net.cfg)
-    ema = copy.deepcopy(net).eval()
-    common.requires_grad(ema, False)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    step = common.resume(stem, net, ema, opt, rank) if cfg.resume else 0
-    model = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else net
+    ema, opt, first_step, model = common.setup_training(cfg, net, stem, rank, world, local_rank, device)
     common.log(f"{cfg.name}: {net.num_params() / 1e6:.2f}M parameters, PRoPE {net.cfg.prope}, {world} process(es), {device}")
-
-    clips = data.eval_clips(cfg.eval_clips, cfg.frames, cfg.height, cfg.width, net.cfg.text_dim, cfg.text_len) \
-        if rank == 0 and not cfg.data else None
+    clips = metric.stage_clips(cfg, net.cfg, rank)
     sigmas = M.euler_sigmas(cfg.sample_steps, cfg.shift)
+    saves = [dict(stem=stem, state_dict=net, ema_state=ema, optimizer=opt, stage="bidir", parent=cfg.init or None,
+                  model_config=net.cfg)]
 
-    bar = common.progress(cfg.max_steps, initial=step, desc=cfg.name)
-    t0 = time.time()
-    while step < cfg.max_steps:
-        lr = common.lr_at(step, cfg.warmup, cfg.max_steps, cfg.lr, cfg.min_lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
+    bar, t0 = common.progress(cfg.max_steps, initial=first_step, desc=cfg.name), time.time()
+    for step in range(first_step, common.last_step(cfg)):
+        lr = common.set_lr(opt, cfg, step)
         b = source(step, rank, world, device)  # this rank's share of the global batch of `step`
         cond = M.image_cond(b["x0"][:, :, 0], b["x0"].shape[2])
-        u = b["u"][:, 0].clamp(1e-4, 1 - 1e-4)
+        u = b["u"][:, 0].clamp(1e-4, 1 - 1e-4)  # away from 0 and 1, where the normal quantile is infinite
         sigma = M.shift_sigma(torch.sigmoid(cfg.sigma_mean + torch.special.ndtri(u)), cfg.shift)  # logit-normal σ, shifted
-        with common.autocast(device):
-            loss = fm_loss(model, b["x0"], b["noise"], sigma, b["text"], b["cameras"], cond)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        common.update_ema(ema, net, cfg.ema if step > cfg.warmup else 0.0)
-        step += 1
-        bar.update(1)
-        done = step == cfg.max_steps or step == cfg.stop_after
-        if step % 10 == 0 or step == cfg.max_steps:
-            lv = common.check_finite(common.all_reduce_mean(loss.detach()), step, stem + ".safetensors")
-            bar.set_postfix(loss=f"{lv:.4f}", lr=f"{lr:.1e}", gnorm=f"{gnorm:.2f}")
-            common.log_metrics(cfg.out_dir, cfg.name, dict(step=step, loss=lv, lr=lr, time=time.time() - t0))
-        if step % cfg.save_every == 0 or done:
-            common.save_checkpoint(stem, net, config=cfg, stage="bidir", step=step, parent=cfg.init or None,
-                                   model_config=net.cfg, ema_state=ema, optimizer=opt)
-        if clips is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            m = data.evaluate(*M.metric_fns(ema, "bidir", sigmas), codec, clips,
-                              os.path.join(cfg.out_dir, f"{cfg.name}_sample.gif"), device)  # generated | truth
-            common.log(f"step {step} ema: {data.format_metric(m)}")
-            common.log_metrics(cfg.out_dir, cfg.name, dict(step=step, eval=m))
-        if done:
-            break
-    bar.close()
-    common.cleanup_ddp()
+        with common.autocast(device):  # Phase 1 loss (paper §2.1): flow matching on whole clips
+            loss = M.flow_matching_loss(model, b["x0"], b["noise"], sigma, b["text"], b["cameras"], cond)
+        gnorm = common.optimizer_step(loss, opt, model, cfg, step, ema)
+        if common.end_of_step(cfg, step + 1, bar, t0, dict(loss=loss, lr=lr, gnorm=gnorm), saves):
+            metric.report(cfg, clips, codec, step + 1, ema, "bidir", sigmas, device=device)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import common
 import data
+import metric
 import model as M
 
 
@@ -31,7 +32,7 @@ class Config(common.StageConfig):
     ckpt: str = "out/ode"  # the few-step student (Stage 2a or 2b)
     teacher: str = "out/bidir"  # real score (frozen) and the fake score's initialization
     name: str = "dmd"
-    timesteps: tuple[int, ...] = (1000, 750, 500, 250)
+    timesteps: tuple[int, ...] = M.FEW_STEP_TIMESTEPS
     guidance: float = 1.0  # real-score CFG (3.0 at Wan scale; the toy captions restate frame 0)
     critic_steps: int = 5  # fake-score updates per generator update
     sigma_min: float = 0.02  # range of the noise level at which both scores are queried
@@ -39,6 +40,7 @@ class Config(common.StageConfig):
     max_steps: int = 200  # generator steps
     lr: float = 3e-5  # generator (2e-6 at scale; the tiny model moves too little at 1e-5 in 200 steps)
     critic_lr: float = 6e-5  # fake score: twice the generator's, so the critic keeps up
+    log_every: int = 1  # a step takes seconds: log every one
     eval_every: int = 100
     save_every: int = 50
     seed: int = 4
@@ -47,15 +49,15 @@ class Config(common.StageConfig):
 QUICK = {**common.QUICK, "max_steps": 3, "critic_steps": 2, "eval_every": 3, "save_every": 2}
 
 
-def self_rollout(gen, noise, text, cams, first, sigmas, exit_step, generator=None):
+def self_rollout(student, noise, text, cams, first, sigmas, exit_step, generator=None):
     """The student generates the clip chunk by chunk; gradient only through each chunk's exit step.
 
     sigmas: the few-step list with a final 0; exit_step in [0, len(sigmas) - 1). Returns the x0
     predictions (B, C, F, h, w) of every chunk's exit step (carrying gradient).
     """
     B, C, F_, H, W = noise.shape
-    chunk = gen.cfg.chunk
-    cache = gen.new_cache(B, H, W, window=F_, device=noise.device, dtype=noise.dtype)
+    chunk = student.cfg.chunk
+    cache = student.new_cache(B, H, W, window=F_, device=noise.device, dtype=noise.dtype)
     out = []
     for start in range(0, F_, chunk):
         stop = min(start + chunk, F_)
@@ -63,12 +65,15 @@ def self_rollout(gen, noise, text, cams, first, sigmas, exit_step, generator=Non
         x = noise[:, :, start:stop]
         with torch.no_grad():  # the steps before the exit: few-step sampling, no gradient
             for s, s_next in zip(sigmas[:exit_step], sigmas[1:exit_step + 1]):
-                v = gen(x, M._t(s, B, x.device), text, c_cams, cond, cache=cache, frame_offset=start)
+                v = student(x, M.timestep(s, B, x.device), text, c_cams, cond, cache=cache, frame_offset=start)
                 x = M.add_noise(x - s * v, torch.randn(x.shape, generator=generator, device=x.device), s_next)
         s = sigmas[exit_step]
-        x0 = x - s * gen(x, M._t(s, B, x.device), text, c_cams, cond, cache=cache, frame_offset=start)
+        # the exit step carries the gradient; its forward concatenates the cache rather than writing the
+        # chunk into it, since a later in-place write would change tensors autograd saved (KVCache.attend)
+        x0 = x - s * student(x, M.timestep(s, B, x.device), text, c_cams, cond, cache=cache, frame_offset=start)
         with torch.no_grad():  # cache refresh with the clean chunk, no gradient
-            gen(x0.detach(), M._t(0.0, B, x.device), text, c_cams, cond, cache=cache, commit=True, frame_offset=start)
+            student(x0.detach(), M.timestep(0.0, B, x.device), text, c_cams, cond, cache=cache, commit=True,
+                    frame_offset=start)
         out.append(x0)
     return torch.cat(out, 2)
 
@@ -89,99 +94,62 @@ def dmd_loss(x_g, real, fake, text, cams, cond, sigma, noise, guidance=1.0):
     return 0.5 * F.mse_loss(x_g.float(), (x_g - grad).detach().float())
 
 
-def critic_loss(fake, x_s, noise, sigma, text, cams, cond):
-    """The fake score learns the student's distribution by flow matching on its samples x_s."""
-    s = sigma.view(-1, 1, 1, 1, 1)
-    v = fake(M.add_noise(x_s, noise, s), 1000 * sigma, text, cams, cond)
-    return F.mse_loss(v.float(), (noise - x_s).float())
-
-
 def main():
     cfg = common.parse_config(Config, quick=QUICK)
-    rank, local_rank, world, device, stem = common.start(cfg, cfg.name)
-    gen = common.or_die(M.load_pretrained, cfg.ckpt).to(device).train()
-    real = common.or_die(M.load_pretrained, cfg.teacher).to(device).eval()
-    common.requires_grad(real, False)
-    if real.cfg.out_channels != gen.cfg.out_channels or real.cfg.prope != gen.cfg.prope:
+    rank, local_rank, world, device, stem = common.start(cfg)
+    student = common.or_die(M.load_pretrained, cfg.ckpt).to(device).train()
+    real = common.frozen(common.or_die(M.load_pretrained, cfg.teacher).to(device))
+    if real.cfg.out_channels != student.cfg.out_channels or real.cfg.prope != student.cfg.prope:
         common.die(f"--teacher {cfg.teacher} and --ckpt {cfg.ckpt} are different architectures")
-    fake = copy.deepcopy(real).train()
+    fake = copy.deepcopy(real).train()  # the critic starts as the real score
     common.requires_grad(fake, True)
-    ema = copy.deepcopy(gen).eval()
-    common.requires_grad(ema, False)
+    ema = common.frozen_copy(student)
     # Adam with beta1 = 0: the two players' gradients change fast, momentum makes the game unstable
-    opt_g = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, betas=(0.0, 0.999), weight_decay=0.0)
-    opt_f = torch.optim.AdamW(fake.parameters(), lr=cfg.critic_lr, betas=(0.0, 0.999), weight_decay=0.0)
+    opt_g = common.adamw(student.parameters(), cfg, betas=(0.0, 0.999))
+    opt_f = common.adamw(fake.parameters(), cfg, lr=cfg.critic_lr, betas=(0.0, 0.999))
     opts = {"generator": opt_g, "critic": opt_f}
-    step = 0
+    first_step = 0
     if cfg.resume:
-        step = common.resume(stem, gen, ema, opts, rank)
-        critic_stem = stem + "_critic"
-        if os.path.exists(critic_stem + ".json"):
-            fake.load_state_dict(common.or_die(common.load_checkpoint, critic_stem, load_opt=False)["state"])
-    codec, source = data.training_source(cfg, gen.cfg)
+        first_step = common.resume(stem, student, ema, opts, rank)
+        if os.path.exists(stem + "_critic.json"):
+            fake.load_state_dict(common.or_die(common.load_checkpoint, stem + "_critic", load_opt=False)["state"])
+    # no DDP wrapper: the critic and the real score run several forwards per backward; the gradients
+    # are averaged over ranks by hand (optimizer_step(average_grads=True))
+    codec, source = data.training_source(cfg, student.cfg)
     few = M.few_step_sigmas(cfg.timesteps, cfg.shift)
-    clips = data.eval_clips(cfg.eval_clips, cfg.frames, cfg.height, cfg.width, gen.cfg.text_dim, cfg.text_len) \
-        if rank == 0 and not cfg.data else None
-
-    def report(step, net_eval, name):
-        m = data.evaluate(*M.metric_fns(net_eval, "ar", few, renoise=True), codec, clips,
-                          os.path.join(cfg.out_dir, f"{name}_sample.gif"), device)
-        common.log(f"step {step} {name}: {data.format_metric(m)}")
-        common.log_metrics(cfg.out_dir, cfg.name, dict(step=step, model=name, eval=m))
+    clips = metric.stage_clips(cfg, student.cfg, rank)
+    saves = [dict(stem=stem + "_critic", state_dict=fake, stage="dmd_critic", parent=cfg.teacher, model_config=fake.cfg),
+             dict(stem=stem, state_dict=student, ema_state=ema, optimizer=opts, stage="dmd", parent=cfg.ckpt,
+                  model_config=student.cfg)]
 
     common.log(f"{cfg.name}: student {cfg.ckpt}, real/fake score {cfg.teacher}, {cfg.critic_steps} critic steps per step")
-    if clips is not None and step == 0:
-        report(0, ema, "student")
-    bar = common.progress(cfg.max_steps, initial=step, desc=cfg.name)
-    t0 = time.time()
+    if first_step == 0:
+        metric.report(cfg, clips, codec, 0, ema, "ar", few, renoise=True, label="student", device=device)
+    bar, t0 = common.progress(cfg.max_steps, initial=first_step, desc=cfg.name), time.time()
     loss_f = torch.zeros((), device=device)  # stays 0 with --critic_steps=0 (a frozen fake score)
-    while step < cfg.max_steps:
-        for j in range(cfg.critic_steps + 1):
+    for step in range(first_step, common.last_step(cfg)):
+        for j in range(cfg.critic_steps + 1):  # critic_steps critic updates, then one generator update
             b = source(step * (cfg.critic_steps + 1) + j, rank, world, device)
             x0, text, cams = b["x0"], b["text"], b["cameras"]
             first, cond = x0[:, :, 0], M.image_cond(x0[:, :, 0], x0.shape[2])
-            seed = cfg.seed * 1_000_003 + step * 97 + j * 7 + rank
-            g = torch.Generator(device).manual_seed(seed)
-            noise_roll = torch.randn(x0.shape, generator=g, device=device)
+            seed = common.mix_seed(cfg.seed, step, j, rank)
+            generator = torch.Generator(device).manual_seed(seed)
+            noise_roll = torch.randn(x0.shape, generator=generator, device=device)
             sigma = cfg.sigma_min + (cfg.sigma_max - cfg.sigma_min) * b["u"][:, 0]  # (B,)
             if j < cfg.critic_steps:  # critic: flow matching on fresh student samples
                 with torch.no_grad():
-                    x_s = M.sample_ar(gen, noise_roll, text, cams, M.image_cond(first, x0.shape[2]), few,
-                                      renoise=True, window=x0.shape[2], generator=g)
-                loss_f = critic_loss(fake, x_s, b["noise"], sigma, text, cams, cond)
-                opt_f.zero_grad(set_to_none=True)
-                loss_f.backward()
-                common.all_reduce_grads(fake)
-                torch.nn.utils.clip_grad_norm_(fake.parameters(), cfg.grad_clip)
-                opt_f.step()
+                    x_s = M.sample_ar(student, noise_roll, text, cams, cond, few, renoise=True, window=x0.shape[2],
+                                      generator=generator)
+                # the fake score learns the student's distribution: flow matching on its samples
+                loss_f = M.flow_matching_loss(fake, x_s, b["noise"], sigma, text, cams, cond)
+                common.optimizer_step(loss_f, opt_f, fake, cfg, step, average_grads=True)
             else:  # generator: self-rollout with one shared exit step, DMD gradient
                 exit_step = int(torch.randint(len(few) - 1, (), generator=torch.Generator().manual_seed(seed)))
-                x_g = self_rollout(gen, noise_roll, text, cams, first, few, exit_step, generator=g)
+                x_g = self_rollout(student, noise_roll, text, cams, first, few, exit_step, generator=generator)
                 loss_g = dmd_loss(x_g, real, fake, text, cams, cond, sigma, b["noise"], cfg.guidance)
-                opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()
-                common.all_reduce_grads(gen)
-                gnorm = torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
-                opt_g.step()
-        common.update_ema(ema, gen, cfg.ema)
-        step += 1
-        bar.update(1)
-        done = step == cfg.max_steps or step == cfg.stop_after
-        lf = common.check_finite(common.all_reduce_mean(loss_f.detach()), step, stem + ".safetensors")
-        lg = common.check_finite(common.all_reduce_mean(loss_g.detach()), step, stem + ".safetensors")
-        bar.set_postfix(critic=f"{lf:.4f}", dmd=f"{lg:.5f}", gnorm=f"{gnorm:.2f}")
-        common.log_metrics(cfg.out_dir, cfg.name, dict(step=step, critic=lf, dmd=lg, exit=exit_step, time=time.time() - t0))
-        if step % cfg.save_every == 0 or done:
-            common.save_checkpoint(stem + "_critic", fake, config=cfg, stage="dmd_critic", step=step, parent=cfg.teacher,
-                                   model_config=fake.cfg)
-            common.save_checkpoint(stem, gen, config=cfg, stage="dmd", step=step, parent=cfg.ckpt,
-                                   model_config=gen.cfg, ema_state=ema, optimizer=opts)
-        if clips is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            report(step, ema, cfg.name)
-        if done:
-            break
-    bar.close()
-    common.cleanup_ddp()
+                gnorm = common.optimizer_step(loss_g, opt_g, student, cfg, step, ema, average_grads=True)
+        if common.end_of_step(cfg, step + 1, bar, t0, dict(critic=loss_f, dmd=loss_g, gnorm=gnorm, exit=exit_step), saves):
+            metric.report(cfg, clips, codec, step + 1, ema, "ar", few, renoise=True, device=device)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import data
+import metric
 import model as M
 import prope
 
@@ -35,7 +35,7 @@ class Config(common.StageConfig):
     pairs_dir: str = ""  # where the ODE pairs go ("" = OUT_DIR/ode_pairs)
     pairs: int = 192  # clips of ODE data
     ode_steps: int = 48  # Euler steps of the teacher's PF-ODE (a multiple of the few-step count)
-    timesteps: tuple[int, ...] = (1000, 750, 500, 250)  # the few-step list, warped through the shift
+    timesteps: tuple[int, ...] = M.FEW_STEP_TIMESTEPS  # the student's few steps, warped through the shift
     guidance: float = 1.0  # teacher CFG; 1.0: the toy captions only restate what frame 0 shows
     max_steps: int = 400
     eval_every: int = 100
@@ -44,6 +44,7 @@ class Config(common.StageConfig):
 
 
 QUICK = {**common.QUICK, "pairs": 4, "ode_steps": 8}
+PAIR_BATCH_OFFSET = 10**6  # pair clips are batches this far above any training step: clips no stage trains on
 
 
 @torch.no_grad()
@@ -69,12 +70,12 @@ def generate(cfg, teacher, source, pairs_dir, rank, world, device):
     """(i): write pairs_dir/shard_NNNNN.safetensors (one training batch each) + index.json; resumable."""
     os.makedirs(pairs_dir, exist_ok=True)
     sigmas = M.euler_sigmas(cfg.ode_steps, cfg.shift)
-    few = M.few_step_sigmas(cfg.timesteps, cfg.shift)[:-1]
-    keep = [min(range(len(sigmas)), key=lambda i: abs(sigmas[i] - s)) for s in few]
-    if max(abs(sigmas[i] - s) for i, s in zip(keep, few)) > 1e-6:
-        common.die(f"--ode_steps={cfg.ode_steps} does not put grid points on the few-step σ's {few}")
+    levels = M.few_step_sigmas(cfg.timesteps, cfg.shift)[:-1]  # the few-step σ's, without the final 0
+    keep = [min(range(len(sigmas)), key=lambda i: abs(sigmas[i] - s)) for s in levels]
+    if max(abs(sigmas[i] - s) for i, s in zip(keep, levels)) > 1e-6:
+        common.die(f"--ode_steps={cfg.ode_steps} does not put grid points on the few-step σ's {levels}")
     shards = -(-cfg.pairs // cfg.batch_size)
-    index = dict(shards=shards, batch=cfg.batch_size, sigmas=few, ode_steps=cfg.ode_steps, teacher=cfg.ckpt,
+    index = dict(shards=shards, batch=cfg.batch_size, sigmas=levels, ode_steps=cfg.ode_steps, teacher=cfg.ckpt,
                  frames=cfg.frames, height=cfg.height, width=cfg.width, seed=cfg.seed)
     index_path = os.path.join(pairs_dir, "index.json")
     if os.path.exists(index_path):
@@ -89,7 +90,7 @@ def generate(cfg, teacher, source, pairs_dir, rank, world, device):
         path = os.path.join(pairs_dir, f"shard_{k:05d}.safetensors")
         if os.path.exists(path):
             continue  # resume
-        b = source(10**6 + k, 0, 1, device)  # batch indices far from training's, same generator
+        b = source(PAIR_BATCH_OFFSET + k, 0, 1, device)
         states, end = ode_pairs(teacher, b, sigmas, keep, cfg.guidance)
         tensors = dict(states=states.half(), ode_x0=end.half(), x0=b["x0"].half(), text=b["text"].half(),
                        w2c=b["cameras"].w2c.float(), K=b["cameras"].K.float())
@@ -100,7 +101,7 @@ def generate(cfg, teacher, source, pairs_dir, rank, world, device):
         if k == 0:
             per = sum(t.numel() * t.element_size() for t in tensors.values()) / states.shape[0]
             common.log(f"ode pairs: {per / 1024:.1f} KiB per sample, {shards} shards of {cfg.batch_size}")
-    return few, shards
+    return levels, shards
 
 
 def load_pairs(pairs_dir, shards):
@@ -125,14 +126,12 @@ def ode_loss(model, x_t, sigma, x_ode, x0, text, cams):
 
 def main():
     cfg = common.parse_config(Config, quick=QUICK)
-    rank, local_rank, world, device, stem = common.start(cfg, cfg.name)
-    teacher = common.or_die(M.load_pretrained, cfg.ckpt).to(device).eval()
-    common.requires_grad(teacher, False)
-    chunk = teacher.cfg.chunk
+    rank, local_rank, world, device, stem = common.start(cfg)
+    teacher = common.frozen(common.or_die(M.load_pretrained, cfg.ckpt).to(device))
     codec, source = data.training_source(cfg, teacher.cfg)
     pairs_dir = cfg.pairs_dir or os.path.join(cfg.out_dir, "ode_pairs")
     t0 = time.time()
-    few, shards = generate(cfg, teacher, source, pairs_dir, rank, world, device)
+    levels, shards = generate(cfg, teacher, source, pairs_dir, rank, world, device)
     if world > 1:
         torch.distributed.barrier()
     pairs = load_pairs(pairs_dir, shards)
@@ -141,64 +140,32 @@ def main():
 
     net = copy.deepcopy(teacher).train()  # the student starts as the teacher
     common.requires_grad(net, True)
-    ema = copy.deepcopy(net).eval()
-    common.requires_grad(ema, False)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    step = common.resume(stem, net, ema, opt, rank) if cfg.resume else 0
-    model = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else net
-    clips = data.eval_clips(cfg.eval_clips, cfg.frames, cfg.height, cfg.width, net.cfg.text_dim, cfg.text_len) \
-        if rank == 0 and not cfg.data else None
-    few_sigmas = few + [0.0]
+    ema, opt, first_step, model = common.setup_training(cfg, net, stem, rank, world, local_rank, device)
+    clips = metric.stage_clips(cfg, net.cfg, rank)
+    few = levels + [0.0]  # the student's sampler: the few-step levels, then 0
+    saves = [dict(stem=stem, state_dict=net, ema_state=ema, optimizer=opt, stage="ode", parent=cfg.ckpt,
+                  model_config=net.cfg)]
 
-    def report(step, net_eval, name, renoise=True):
-        m = data.evaluate(*M.metric_fns(net_eval, "ar", few_sigmas, renoise=renoise), codec, clips,
-                          os.path.join(cfg.out_dir, f"{name}_sample.gif"), device)
-        common.log(f"step {step} {name}: {data.format_metric(m)}")
-        common.log_metrics(cfg.out_dir, cfg.name, dict(step=step, model=name, eval=m))
-
-    if clips is not None and step == 0:
-        # the baselines a student must beat: the teacher at the same 4 steps, with the students'
-        # sampler (x0, then fresh noise) and with its own PF-ODE (Euler); both blur, see sharpness
-        report(0, teacher, "teacher_4step")
-        report(0, teacher, "teacher_4step_euler", renoise=False)
-    bar = common.progress(cfg.max_steps, initial=step, desc=cfg.name)
-    B = cfg.batch_size // world
-    while step < cfg.max_steps:
-        lr = common.lr_at(step, cfg.warmup, cfg.max_steps, cfg.lr, cfg.min_lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + step)  # same draw on every rank
-        idx = torch.randint(n, (cfg.batch_size,), generator=gen)[rank * B:(rank + 1) * B]
-        level = torch.randint(len(few), (cfg.batch_size, cfg.frames // chunk), generator=gen)[rank * B:(rank + 1) * B]
+    if first_step == 0:
+        metric.report_teacher_baselines(cfg, clips, codec, teacher, few, device)
+    bar = common.progress(cfg.max_steps, initial=first_step, desc=cfg.name)
+    B, chunk = cfg.batch_size // world, net.cfg.chunk
+    for step in range(first_step, common.last_step(cfg)):
+        lr = common.set_lr(opt, cfg, step)
+        rng = torch.Generator().manual_seed(common.mix_seed(cfg.seed, step))  # the same draw on every rank
+        idx = torch.randint(n, (cfg.batch_size,), generator=rng)[rank * B:(rank + 1) * B]
+        level = torch.randint(len(levels), (cfg.batch_size, cfg.frames // chunk), generator=rng)[rank * B:(rank + 1) * B]
         level = level.repeat_interleave(chunk, 1)  # (B, F): one few-step state per chunk
         p = {k: v[idx].to(device) for k, v in pairs.items()}
         states = p["states"].float().permute(0, 3, 1, 2, 4, 5)  # (B, F, K, C, h, w)
         x_t = states[torch.arange(B)[:, None], torch.arange(cfg.frames)[None], level].permute(0, 2, 1, 3, 4)  # (B, C, F, h, w)
-        sigma = torch.tensor(few, device=device)[level.to(device)]  # (B, F)
+        sigma = torch.tensor(levels, device=device)[level.to(device)]  # (B, F)
         cams = prope.Cameras(p["w2c"], p["K"])
         with common.autocast(device):
             loss = ode_loss(model, x_t, sigma, p["ode_x0"], p["x0"].float(), p["text"].float(), cams)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        common.update_ema(ema, net, cfg.ema)
-        step += 1
-        bar.update(1)
-        done = step == cfg.max_steps or step == cfg.stop_after
-        if step % 10 == 0 or done:
-            lv = common.check_finite(common.all_reduce_mean(loss.detach()), step, stem + ".safetensors")
-            bar.set_postfix(loss=f"{lv:.4f}", lr=f"{lr:.1e}", gnorm=f"{gnorm:.2f}")
-            common.log_metrics(cfg.out_dir, cfg.name, dict(step=step, loss=lv, lr=lr, time=time.time() - t0))
-        if step % cfg.save_every == 0 or done:
-            common.save_checkpoint(stem, net, config=cfg, stage="ode", step=step, parent=cfg.ckpt,
-                                   model_config=net.cfg, ema_state=ema, optimizer=opt)
-        if clips is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            report(step, ema, cfg.name)
-        if done:
-            break
-    bar.close()
-    common.cleanup_ddp()
+        gnorm = common.optimizer_step(loss, opt, model, cfg, step, ema)
+        if common.end_of_step(cfg, step + 1, bar, t0, dict(loss=loss, lr=lr, gnorm=gnorm), saves):
+            metric.report(cfg, clips, codec, step + 1, ema, "ar", few, renoise=True, device=device)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Tests for common.py: config overrides, checkpoint IO, schedules, EMA, single-process DDP."""
-import json, math, os, random, sys
+import json
+import os
+import random
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -222,12 +225,28 @@ def test_update_ema_and_requires_grad():
 
 
 def test_check_finite(capsys):
-    assert common.check_finite(torch.tensor(0.5), 3) == 0.5
-    saved = []
+    assert common.check_finite(torch.tensor(0.5), "loss", 3) == 0.5
     with pytest.raises(SystemExit) as e:
-        common.check_finite(torch.tensor(float("nan")), 123, "out/ar.safetensors", lambda: saved.append(1))
-    assert e.value.code == 2 and saved == [1]
-    assert capsys.readouterr().err == "error: loss is nan at step 123 (last checkpoint: out/ar.safetensors)\n"
+        common.check_finite(torch.tensor(float("nan")), "loss", 123)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: loss is nan at step 123\n"
+
+
+def test_end_of_step_logs_saves_and_says_when_to_evaluate(tmp_path):
+    cfg = common.StageConfig(out_dir=str(tmp_path), max_steps=12, log_every=5, save_every=4, eval_every=6, stop_after=10)
+    cfg.name = "x"
+    model = torch.nn.Linear(2, 2)
+    saves = [dict(stem=str(tmp_path / "x"), state_dict=model, stage="x")]
+    bar, evals = common.progress(12), []
+    for step in range(1, common.last_step(cfg) + 1):
+        if common.end_of_step(cfg, step, bar, 0.0, dict(loss=torch.tensor(1.0 / step), lr=0.1), saves):
+            evals.append(step)
+        if step == 5:
+            assert common.load_checkpoint(tmp_path / "x")["meta"]["step"] == 4
+    assert evals == [6] and common.last_step(cfg) == 10
+    rows = [json.loads(line) for line in open(tmp_path / "x.metrics.jsonl")]
+    assert [r["step"] for r in rows] == [5, 10] and rows[0]["loss"] == pytest.approx(0.2) and rows[0]["lr"] == 0.1
+    assert common.load_checkpoint(tmp_path / "x")["meta"]["step"] == 10  # the last step of a --stop_after run
 
 
 def test_setup_ddp_single_process(monkeypatch):
@@ -255,19 +274,3 @@ def test_seed_and_logging(tmp_path, capsys):
         common.set_log_file(None)
     assert "step 1 loss 0.5" in capsys.readouterr().out
     assert (tmp_path / "run" / "log.txt").read_text() == "step 1 loss 0.5\n"
-
-
-def test_compare_png_shows_the_truth_then_each_checkpoint(tmp_path):
-    from PIL import Image
-    import data
-    path = str(tmp_path / "cmp.png")
-    common.compare_samples(path, ["assets/cd", "assets/cd", "assets/dmd"], clips=1, scale=2)
-    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    h = 32 * 2
-    assert img.shape == (4 * h, 60 + 7 * h, 3)  # truth + 3 rows, frames 1..7
-    truth, cd1, cd2, dmd = (img[i * h:(i + 1) * h, 60:] for i in range(4))
-    assert np.array_equal(cd1, cd2)  # fixed noise: the same checkpoint draws the same row
-    assert not np.array_equal(cd1, dmd) and not np.array_equal(cd1, truth)
-    video = data.eval_clips(1, 8, 32, 32, 64, 16)["video"][0]  # (3, F, H, W) in [-1, 1]
-    frame1 = ((video[:, 1] + 1) * 127.5).round().clamp(0, 255).permute(1, 2, 0).numpy().astype(int)
-    assert np.array_equal(truth[::2, :32 * 2:2][:, :32], frame1)  # nearest upscale of the true frame 1

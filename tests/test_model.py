@@ -1,6 +1,5 @@
 """model.py + prope.py: parity with diffusers, real shapes, PRoPE invariances, cache == teacher forcing, bad input."""
 import json
-import math
 import os
 
 import pytest
@@ -12,7 +11,7 @@ from safetensors.torch import save_file
 import model as M
 import prope
 
-REF = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+REF = os.path.join(os.path.dirname(__file__), "reference")  # facts about the real checkpoints (README there)
 
 
 def random_diffusers_wan(heads, head_dim, layers, seed=0):

@@ -3,8 +3,6 @@ and its toy-distribution behaviour, resume, streaming inference from a pipe and 
 import copy
 import json
 import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -13,20 +11,14 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from safetensors.torch import save_file
 
 import common
+import cameras
 import data
 import model as M
-import train_ar
 import train_cd
 import train_dmd
 import train_ode
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(args, stdin=None):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600, input=stdin)
+from helpers import run
 
 
 def tiny_net(seed=0, **kw):
@@ -56,7 +48,7 @@ def test_ar_teacher_forcing_loss_decreases():
     net, b = tiny_net(), batch()
     cond = M.image_cond(b["x0"][:, :, 0], 4)
     sigma = torch.tensor([[0.9, 0.9, 0.3, 0.3], [0.5, 0.5, 0.7, 0.7], [0.2, 0.2, 0.8, 0.8], [0.6, 0.6, 0.1, 0.1]])
-    losses = fit(lambda: train_ar.tf_loss(net, b["x0"], b["noise"], sigma, b["text"], b["cameras"], cond),
+    losses = fit(lambda: M.flow_matching_loss(net, b["x0"], b["noise"], sigma, b["text"], b["cameras"], cond, clean=b["x0"]),
                  net.parameters())
     assert losses[-1] < 0.5 * losses[0]
 
@@ -66,7 +58,7 @@ def test_trained_teacher_forcing_model_rolls_out_like_its_forward():
     net, b = tiny_net(chunk=2), batch()
     cond = M.image_cond(b["x0"][:, :, 0], 4)
     sigma = torch.full((4, 4), 0.5)
-    fit(lambda: train_ar.tf_loss(net, b["x0"], b["noise"], sigma, b["text"], b["cameras"], cond), net.parameters(), 5)
+    fit(lambda: M.flow_matching_loss(net, b["x0"], b["noise"], sigma, b["text"], b["cameras"], cond, clean=b["x0"]), net.parameters(), 5)
     net.eval()
     x_t = M.add_noise(b["x0"], b["noise"], 0.5)
     t = torch.full((4, 4), 500.0)
@@ -113,13 +105,18 @@ def test_ode_loss_decreases():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_cd_target_comes_from_the_ema_weights():
+def cd_setup():
+    """A teacher, a student, its EMA, a batch, the condition, σ = 0.6 -> σ' = 0.5 and x_t."""
     teacher, b = tiny_net(seed=1).eval(), batch()
     student = tiny_net(seed=2)
     ema = copy.deepcopy(student).eval()
     cond = M.image_cond(b["x0"][:, :, 0], 4)
     sigma, sigma_next = torch.full((4, 4), 0.6), torch.full((4, 4), 0.5)
-    x_t = M.add_noise(b["x0"], b["noise"], 0.6)
+    return teacher, student, ema, b, cond, sigma, sigma_next, M.add_noise(b["x0"], b["noise"], 0.6)
+
+
+def test_cd_target_comes_from_the_ema_weights():
+    teacher, student, ema, b, cond, sigma, sigma_next, x_t = cd_setup()
     args = (x_t, sigma, sigma_next, b["text"], b["cameras"], cond, b["x0"])
     fit(lambda: train_cd.x0_of(student, x_t, sigma, b["text"], b["cameras"], cond, b["x0"]).pow(2).mean(),
         student.parameters(), steps=1)
@@ -139,12 +136,7 @@ def test_cd_target_comes_from_the_ema_weights():
 
 
 def test_cd_loss_decreases():
-    teacher, b = tiny_net(seed=1).eval(), batch()
-    student = tiny_net(seed=2)
-    ema = copy.deepcopy(student).eval()
-    cond = M.image_cond(b["x0"][:, :, 0], 4)
-    sigma, sigma_next = torch.full((4, 4), 0.6), torch.full((4, 4), 0.5)
-    x_t = M.add_noise(b["x0"], b["noise"], 0.6)
+    teacher, student, ema, b, cond, sigma, sigma_next, x_t = cd_setup()
     target = train_cd.cd_target(teacher, ema, x_t, sigma, sigma_next, b["text"], b["cameras"], cond, b["x0"])
     losses = fit(lambda: (train_cd.x0_of(student, x_t, sigma, b["text"], b["cameras"], cond, b["x0"]) - target)
                  .pow(2).mean(), student.parameters())
@@ -204,7 +196,7 @@ def test_dmd_critic_loss_decreases():
     fake, b = tiny_net(), batch()
     sigma = torch.tensor([0.2, 0.4, 0.6, 0.8])
     cond = M.image_cond(b["x0"][:, :, 0], 4)
-    losses = fit(lambda: train_dmd.critic_loss(fake, b["x0"], b["noise"], sigma, b["text"], b["cameras"], cond),
+    losses = fit(lambda: M.flow_matching_loss(fake, b["x0"], b["noise"], sigma, b["text"], b["cameras"], cond),
                  fake.parameters())
     assert losses[-1] < 0.5 * losses[0]
 
@@ -275,7 +267,7 @@ def test_infer_long_camera_file_streams_in_flat_memory(quick_chain, tmp_path):
     rss = {}
     for n in (40, 400):
         path = tmp_path / f"long{n}.json"
-        data.save_cameras(path, data.load_cameras(f"w*{n // 2 - 1},l*{n // 2}"))
+        cameras.save_cameras(path, cameras.load_cameras(f"w*{n // 2 - 1},l*{n // 2}"))
         r = run(["infer.py", f"--ckpt={quick_chain}/ode", f"--cameras={path}", "--window=4", f"--out={tmp_path}/l{n}.mp4"])
         assert r.returncode == 0, r.stderr[-2000:]
         rep = json.load(open(tmp_path / f"l{n}.json"))

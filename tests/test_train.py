@@ -1,24 +1,15 @@
 """Training stages: loss goes down, resume is exact, torchrun == one process, real loading path, bad flags."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
 import common
+import cameras
 import data
 import model as M
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(args, cwd=None, torchrun=False):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
-           if torchrun else [sys.executable]) + args
-    return subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=600)
+from helpers import run
 
 
 def weights(stem, ema=False):
@@ -38,7 +29,6 @@ def tiny_batch(B=4, F=4, seed=0):
 
 
 def test_flow_matching_loss_decreases_on_fixed_seed():
-    from train_bidir import fm_loss
     torch.manual_seed(0)
     net = M.DiT(M.make_config("tiny", dim=64, ffn_dim=128, num_layers=2))
     b = tiny_batch()
@@ -47,7 +37,7 @@ def test_flow_matching_loss_decreases_on_fixed_seed():
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
     losses = []
     for _ in range(40):
-        loss = fm_loss(net, b["x0"], b["noise"], sigma, b["text"], b["cameras"], cond)
+        loss = M.flow_matching_loss(net, b["x0"], b["noise"], sigma, b["text"], b["cameras"], cond)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -111,7 +101,7 @@ def test_bidir_trains_on_a_prepared_real_data_cache(tmp_path):
     src.mkdir()
     for i in range(2):
         write_video(src / f"v{i}.mp4", frames=4, seed=i)
-        data.save_cameras(src / f"v{i}.json", data.load_cameras("w*3" if i else "l*3"), width=64, height=48)
+        cameras.save_cameras(src / f"v{i}.json", cameras.load_cameras("w*3" if i else "l*3"), width=64, height=48)
         (src / f"v{i}.caption.txt").write_text("a red sphere on green ground\n")
     assert data.prepare(src, tmp_path / "cache", frames=4, height=16, width=16, text_len=8, text_dim=64,
                         text_encoder="hash") == ["v0", "v1"]

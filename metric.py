@@ -1,0 +1,285 @@
+"""How minWM measures a model: the control metric shared by every stage, and its tables and pictures.
+
+The control metric asks "does the model go where the cameras say?". On held-out scenes x paths of
+the procedural world (`eval_clips`; scene seeds >= 10**9, never trained on), every stage is
+measured the same way, each with its own sampler (`metric_fns`):
+  psnr            generated frames 1.. vs the true rendering along the same path (frame 0 is given)
+  gain_static     psnr - psnr of a static copy of frame 0
+  control_margin  psnr - psnr of the same model fed the mirrored path (scored against the true path);
+                  margin_wins: the share of clips where the true path scores higher
+  oracle_margin   psnr - psnr of the TRUE rendering along the mirrored path: the most a perfect
+                  follower could get; margin_ratio = control_margin / oracle_margin
+  loss_gap@s      flow-matching loss with mirrored vs true cameras at fixed sigma s and fixed noise,
+                  relative ((L_mirror - L_true) / L_true): fast and sensitive, usable while training
+  sharpness       image-gradient energy of generated frames / the truth's (1.0 = as sharp): PSNR
+                  rewards blur, so every PSNR is read beside it
+
+`report` runs it during training (log line, OUT_DIR/NAME.metrics.jsonl, a gif of generated | truth).
+
+    python metric.py table OUT_DIR                  # the results table of every stage in OUT_DIR
+    python metric.py plot OUT_DIR NAME              # the control metric along training (PNG)
+    python metric.py compare OUT.png CKPT [CKPT...] # held-out frames: the truth, then each checkpoint
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import common
+import data
+import model as M
+import world
+from cameras import mirror_cameras
+from prope import Cameras
+
+
+# ----------------------------------------------------------------------------------------------
+# the control metric
+
+def psnr(a, b):
+    """Per-clip PSNR over all given frames; a, b (B, 3, F, H, W) in [-1, 1]."""
+    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(4.0 / mse)
+
+
+def sharpness(x):
+    """Mean squared image gradient (x and y) per clip; x (B, 3, F, H, W)."""
+    gx = (x[..., :, 1:] - x[..., :, :-1]).pow(2).flatten(1).mean(1)
+    gy = (x[..., 1:, :] - x[..., :-1, :]).pow(2).flatten(1).mean(1)
+    return gx + gy
+
+
+def eval_clips(n, frames, height, width, text_dim, text_len, seed=0):
+    """n fixed held-out clips: video, the true rendering along the mirrored path, both paths' cameras, text."""
+    out = {"video": [], "other": [], "w2c": [], "w2c_other": [], "K": [], "text": []}
+    for i in range(n):
+        scene_seed, _, cams = world.heldout_path(i, frames, seed, width, height)
+        other = mirror_cameras(cams)
+        out["video"].append(world.render_world(scene_seed, cams, height, width))
+        out["other"].append(world.render_world(scene_seed, other, height, width))
+        out["w2c"].append(cams.w2c[0])
+        out["w2c_other"].append(other.w2c[0])
+        out["K"].append(cams.K[0])
+        out["text"].append(world.text_embedding(world.caption(scene_seed), text_dim, text_len))
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def stage_clips(cfg, model_cfg, rank):
+    """A training stage's held-out clips (its frames, size and text length), or None where nothing is
+    measured: on ranks other than 0, and on real data (no exact truth to compare with)."""
+    if rank != 0 or cfg.data:
+        return None
+    return eval_clips(cfg.eval_clips, cfg.frames, cfg.height, cfg.width, model_cfg.text_dim, cfg.text_len)
+
+
+def metric_fns(net, mode, sigmas, renoise=False):
+    """(sample, velocity) callables for control_metric, so every stage is measured the same way.
+
+    mode "bidir": whole-clip Euler sampling, bidirectional velocity; mode "ar": chunked rollout through
+    the KV cache (renoise=True for the few-step sampler), teacher-forcing velocity (clean = x0).
+    """
+    def sample(noise, text, cams, first):
+        cond = M.image_cond(first, noise.shape[2])
+        if mode == "bidir":
+            return M.sample_bidir(net, noise, text, cams, cond, sigmas)
+        return M.sample_ar(net, noise, text, cams, cond, sigmas, renoise=renoise,
+                           generator=torch.Generator(noise.device).manual_seed(0))
+
+    @torch.no_grad()
+    def velocity(x_t, s, text, cams, first, x0):
+        t = torch.full(x_t.shape[:1], 1000.0 * s, device=x_t.device)
+        cond = M.image_cond(first, x_t.shape[2])
+        return net(x_t, t, text, cams, cond) if mode == "bidir" else net(x_t, t, text, cams, cond, clean=x0)
+
+    return sample, velocity
+
+
+
+@torch.no_grad()
+def control_metric(sample, velocity, codec, clips, loss_sigmas=(0.5, 0.9), batch=16, seed=0, device="cpu",
+                   gif_path=None):
+    """Measure camera control; the module docstring defines every number returned.
+
+    sample(noise, text, cameras, first) -> latents (B, C, F, h, w), with first = clean latent frame 0
+    velocity(x_t, sigma, text, cameras, first, x0) -> v  (x0 lets AR models use teacher forcing)
+    clips: from eval_clips(). Noise is fixed by `seed`, so numbers are comparable across stages.
+    gif_path: also write the first clips as a gif, generated | truth, one clip per row.
+    """
+    n = clips["video"].shape[0]
+    rows = {k: [] for k in ("psnr", "psnr_static", "psnr_other", "psnr_oracle", "sharp", "sharp_true",
+                            *[f"loss@{s}" for s in loss_sigmas], *[f"loss_other@{s}" for s in loss_sigmas])}
+    generator = torch.Generator().manual_seed(seed)
+    tail = lambda v: v[:, :, 1:]  # frame 0 is given: score frames 1..
+    for i in range(0, n, batch):
+        sl = slice(i, min(i + batch, n))
+        video, other = clips["video"][sl].to(device), clips["other"][sl].to(device)  # (B, 3, F, H, W)
+        text = clips["text"][sl].to(device)
+        cams = Cameras(clips["w2c"][sl], clips["K"][sl]).to(device)
+        cams_o = Cameras(clips["w2c_other"][sl], clips["K"][sl]).to(device)
+        x0 = codec.encode(video)  # (B, C, F, h, w)
+        first = x0[:, :, 0]
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        gen_true = codec.decode(sample(noise, text, cams, first)).clamp(-1, 1)
+        gen_other = codec.decode(sample(noise, text, cams_o, first)).clamp(-1, 1)
+        static = video[:, :, :1].expand_as(video)
+        if gif_path and i == 0:
+            data.save_video(gif_path, torch.cat([torch.cat([g, t], -1) for g, t in zip(gen_true[:4], video[:4])], -2))
+        rows["psnr"].append(psnr(tail(gen_true), tail(video)))
+        rows["psnr_static"].append(psnr(tail(static), tail(video)))
+        rows["psnr_other"].append(psnr(tail(gen_other), tail(video)))
+        rows["psnr_oracle"].append(psnr(tail(other), tail(video)))
+        rows["sharp"].append(sharpness(tail(gen_true)))
+        rows["sharp_true"].append(sharpness(tail(video)))
+        for s in loss_sigmas:
+            x_t = M.add_noise(x0, noise, s)
+            for key, c in ((f"loss@{s}", cams), (f"loss_other@{s}", cams_o)):
+                v = velocity(x_t, s, text, c, first, x0)
+                rows[key].append((v - (noise - x0)).pow(2).flatten(1).mean(1))
+    r = {k: torch.cat(v).cpu() for k, v in rows.items()}
+    out = dict(
+        clips=n, psnr=r["psnr"].mean().item(),
+        gain_static=(r["psnr"] - r["psnr_static"]).mean().item(),
+        control_margin=(r["psnr"] - r["psnr_other"]).mean().item(),
+        margin_wins=(r["psnr"] > r["psnr_other"]).float().mean().item(),
+        oracle_margin=(r["psnr"] - r["psnr_oracle"]).mean().item(),
+        sharpness=(r["sharp"].mean() / r["sharp_true"].mean()).item(),
+    )
+    out["margin_ratio"] = out["control_margin"] / out["oracle_margin"] if out["oracle_margin"] > 0 else float("nan")
+    for s in loss_sigmas:
+        lt, lo = r[f"loss@{s}"].mean().item(), r[f"loss_other@{s}"].mean().item()
+        out[f"loss_gap@{s}"] = (lo - lt) / lt
+    return out
+
+
+def report(cfg, clips, codec, step, net, mode, sigmas, renoise=False, label=None, device="cpu"):
+    """The control metric of `net` during training: one log line, a row in OUT_DIR/NAME.metrics.jsonl
+    (with `model`: label, for baselines measured beside the stage's own model) and OUT_DIR/LABEL_sample.gif.
+    Does nothing where clips is None (see stage_clips); returns the metric."""
+    if clips is None:
+        return None
+    label = label or cfg.name
+    steps = len(sigmas) - 1
+    sampler = (f"{steps} Euler, whole clip" if mode == "bidir" else
+               f"{steps} {'renoise' if renoise else 'Euler'} steps / chunk, KV cache")
+    m = control_metric(*metric_fns(net, mode, sigmas, renoise), codec, clips, device=device,
+                       gif_path=os.path.join(cfg.out_dir, f"{label}_sample.gif"))
+    common.log(f"step {step} {label}: {format_metric(m)}")
+    common.log_metrics(cfg.out_dir, cfg.name, dict(step=step, model=label, sampler=sampler, eval=m))
+    return m
+
+
+def report_teacher_baselines(cfg, clips, codec, teacher, few, device="cpu"):
+    """Stage 2's step-0 baselines a student must beat: the AR teacher at the students' few steps, with the
+    students' sampler (x0, then fresh noise: `teacher_4step`) and with its own PF-ODE (Euler:
+    `teacher_4step_euler`). Both blur (see sharpness): the students' target is the many-step sample."""
+    metric_args = (cfg, clips, codec, 0, teacher, "ar", few)
+    report(*metric_args, renoise=True, label="teacher_4step", device=device)
+    report(*metric_args, label="teacher_4step_euler", device=device)
+
+
+def format_metric(m):
+    """One line for logs and README tables."""
+    gaps = " ".join(f"gap@{k[9:]}={v:+.1%}" for k, v in m.items() if k.startswith("loss_gap@"))
+    return (f"psnr {m['psnr']:.2f} dB | margin {m['control_margin']:+.2f} dB ({m['margin_wins']:.0%} clips, "
+            f"{m['margin_ratio']:.0%} of oracle {m['oracle_margin']:+.2f}) | gain/static {m['gain_static']:+.2f} dB | "
+            f"{gaps} | sharpness {m['sharpness']:.2f}")
+
+
+# ----------------------------------------------------------------------------------------------
+# tables and pictures
+
+def results_table(out_dir, stages=("bidir", "ar", "ode", "cd", "dmd")):
+    """Markdown table of each stage's last control metric (from OUT/NAME.metrics.jsonl) and run time."""
+    head = ("| stage | sampler | steps | run time | PSNR | control margin (clips won) | oracle margin | "
+            "margin/oracle | loss gap σ=.5 / .9 | gain over static | sharpness |")
+    rows = [head, "|" + " --- |" * (head.count("|") - 1)]
+    samplers = {"bidir": "25 Euler, whole clip", "ar": "25 Euler / chunk, KV cache",  # logs written before
+                "bidir_as_ar": "25 Euler / chunk, KV cache", "teacher_4step_euler": "4 Euler / chunk, KV cache"}
+    for name in stages:
+        path = os.path.join(out_dir, f"{name}.metrics.jsonl")
+        if not os.path.exists(path):
+            continue
+        lines = [json.loads(x) for x in open(path) if x.strip()]
+        timed = [x["time"] for x in lines if "time" in x]
+        # a resumed run restarts its clock: add up the segments
+        run_time = sum(a for a, b in zip(timed, timed[1:] + [0.0]) if b < a) if timed else 0.0
+        for model in dict.fromkeys(x.get("model", name) for x in lines if "eval" in x):
+            ev = [x for x in lines if "eval" in x and x.get("model", name) == model][-1]
+            m = ev["eval"]
+            label = model if model == name else f"{name}: baseline {model}"
+            rows.append(f"| {label} | {ev.get('sampler') or samplers.get(model, '4 renoise steps / chunk, KV cache')} | {ev['step']} | "
+                        f"{run_time / 60:.0f} min | {m['psnr']:.2f} dB | {m['control_margin']:+.2f} dB "
+                        f"({m['margin_wins']:.0%}) | {m['oracle_margin']:+.2f} dB | {m['margin_ratio']:.0%} | "
+                        f"{m['loss_gap@0.5']:+.0%} / {m['loss_gap@0.9']:+.0%} | {m['gain_static']:+.2f} dB | "
+                        f"{m['sharpness']:.2f} |" if timed else "")
+    return "\n".join(r for r in rows if r)
+
+
+def plot_control(out_dir, name, path=None, size=(520, 300)):
+    """PNG of the control metric over training (loss gaps, control margin): control emerges suddenly."""
+    from PIL import Image, ImageDraw
+    rows = [json.loads(x) for x in open(os.path.join(out_dir, f"{name}.metrics.jsonl")) if '"eval"' in x]
+    rows = [r for r in rows if r.get("model", name) == name]
+    curves = {"loss gap, sigma 0.5 (%)": ("loss_gap@0.5", 100, (200, 40, 40)), "loss gap, sigma 0.9 (%)": ("loss_gap@0.9", 100, (230, 140, 30)),
+              "control margin (dB x 20)": ("control_margin", 20, (40, 90, 200))}
+    W, H, L, B = size[0], size[1], 50, 40
+    steps = [r["step"] for r in rows]
+    vals = [v * sc for key, sc, _ in curves.values() for v in (r["eval"][key] for r in rows)]
+    lo, hi, smax = min(0.0, *vals), max(1.0, *vals), max(steps)
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    xy = lambda st, v: (L + (W - L - 10) * st / smax, H - B - (H - B - 20) * (v - lo) / (hi - lo))
+    d.line([xy(0, 0), xy(smax, 0)], fill=(150, 150, 150))
+    d.line([xy(0, lo), xy(0, hi)], fill=(150, 150, 150))
+    for i, (label, (key, sc, col)) in enumerate(curves.items()):
+        d.line([xy(r["step"], r["eval"][key] * sc) for r in rows], fill=col, width=2)
+        d.text((L + 10, 5 + 12 * i), label, fill=col)
+    d.text((L, H - B + 8), f"0 .. {smax} steps ({name})", fill=(0, 0, 0))
+    d.text((5, xy(0, hi)[1]), f"{hi:.0f}", fill=(0, 0, 0))
+    d.text((5, xy(0, 0)[1] - 6), "0", fill=(0, 0, 0))
+    img.save(path or os.path.join(out_dir, f"{name}_control.png"))
+
+
+@torch.no_grad()
+def compare_samples(path, ckpts, clips=2, scale=3):
+    """PNG: for the first held-out clips, the truth's frames 1..F-1 above each checkpoint's few-step
+    rollout of the same clip and noise (what the sharpness number means, as a picture). Clip length,
+    frame size and text length are those the first checkpoint was trained with."""
+    from PIL import Image, ImageDraw
+    nets = [common.or_die(M.load_pretrained, ck).eval() for ck in ckpts]
+    trained = common.StageConfig(**{k: v for k, v in json.load(open(common.stem_of(ckpts[0]) + ".json")).get(
+        "config", {}).items() if k in ("frames", "height", "width", "text_len")})
+    ev = eval_clips(clips, trained.frames, trained.height, trained.width, nets[0].cfg.text_dim, trained.text_len)
+    codec, few = data.PixelCodec(2), M.few_step_sigmas(M.FEW_STEP_TIMESTEPS)
+    x0, cams = codec.encode(ev["video"]), Cameras(ev["w2c"], ev["K"])  # (B, C, F, h, w)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))  # the same for every row
+    rows = [("truth", ev["video"])]
+    for ck, net in zip(ckpts, nets):
+        sample, _ = metric_fns(net, "ar", few, renoise=True)
+        rows.append((Path(ck).name, codec.decode(sample(noise, ev["text"], cams, x0[:, :, 0])).clamp(-1, 1)))
+    F_, H, W = rows[0][1].shape[2:]
+    L, w, h = 60, W * scale, H * scale
+    img = Image.new("RGB", (L + (F_ - 1) * w, clips * len(rows) * h + (clips - 1) * 6), "white")
+    d = ImageDraw.Draw(img)
+    for c in range(clips):
+        for r, (name, vid) in enumerate(rows):
+            y = (c * len(rows) + r) * h + c * 6
+            d.text((4, y + h // 2 - 5), name, fill=(0, 0, 0))
+            for f in range(1, F_):  # frame 0 is given
+                px = ((vid[c, :, f] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+                img.paste(Image.fromarray(px).resize((w, h), Image.NEAREST), (L + (f - 1) * w, y))
+    img.save(path)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "table":
+        print(results_table(sys.argv[2]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "plot":
+        plot_control(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) >= 4 and sys.argv[1] == "compare":
+        compare_samples(sys.argv[2], sys.argv[3:])
+    else:
+        common.die("usage: python metric.py table OUT_DIR | python metric.py plot OUT_DIR NAME | "
+                   "python metric.py compare OUT.png CKPT [CKPT ...]")

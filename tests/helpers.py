@@ -1,0 +1,34 @@
+"""Small helpers the tests share (pytest puts this folder on sys.path)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, stdin=None, torchrun=False, timeout=600):
+    """Run a repository script as a user would (one thread, from the repository root)."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
+           if torchrun else [sys.executable]) + args
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, input=stdin)
+
+
+def assert_rigid(w2c, atol=1e-5):
+    R = w2c[..., :3, :3]
+    eye = torch.eye(3).expand_as(R)
+    assert torch.allclose(R.mT @ R, eye, atol=atol)
+    assert torch.allclose(torch.linalg.det(R), torch.ones(R.shape[:-2]), atol=atol)
+    assert torch.equal(w2c[..., 3, :], torch.tensor([0.0, 0, 0, 1]).expand_as(w2c[..., 3, :]))
+
+
+def pose(R, t):
+    T = np.eye(4)
+    T[:3, :3], T[:3, 3] = R, t
+    return T
+
+
+R_Y90 = np.array([[0.0, 0, 1], [0, 1, 0], [-1, 0, 0]])  # yaw right by 90°: +z turns to +x

@@ -1,0 +1,61 @@
+"""metric.py: the control metric on synthetic models, the results table on fake logs, the comparison picture."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import metric
+
+
+def clips_and_codec(n=3, frames=4, size=16):
+    return metric.eval_clips(n, frames, size, size, 8, 4), data.PixelCodec(2)
+
+
+def test_control_metric_perfect_static_and_mirrored_models():
+    clips, codec = clips_and_codec()
+    truth, other = codec.encode(clips["video"]), codec.encode(clips["other"])
+
+    def perfect(noise, text, cams, first):  # knows both renderings: follows whichever path it is given
+        mirrored = torch.equal(cams.w2c, clips["w2c_other"])
+        return other if mirrored else truth
+
+    static = lambda noise, text, cams, first: first[:, :, None].expand_as(noise)
+    velocity = lambda x_t, s, text, cams, first, x0: torch.zeros_like(x_t)
+    m = metric.control_metric(perfect, velocity, codec, clips)
+    assert m["psnr"] > 90 and m["sharpness"] == pytest.approx(1.0)
+    assert m["control_margin"] == pytest.approx(m["oracle_margin"]) and m["margin_ratio"] == pytest.approx(1.0)
+    assert m["margin_wins"] == 1.0 and m["gain_static"] > 30
+    s = metric.control_metric(static, velocity, codec, clips)
+    assert s["gain_static"] == pytest.approx(0.0, abs=1e-4) and s["control_margin"] == pytest.approx(0.0, abs=1e-4)
+    assert s["loss_gap@0.5"] == 0.0  # a camera-blind velocity has no loss gap
+
+
+def test_results_table_reads_the_last_eval_of_each_model(tmp_path):
+    ev = lambda psnr: dict(psnr=psnr, control_margin=1.0, margin_wins=0.75, oracle_margin=2.0, margin_ratio=0.5,
+                           gain_static=0.3, sharpness=0.9, **{"loss_gap@0.5": 0.1, "loss_gap@0.9": 0.2})
+    rows = [dict(step=0, model="bidir_as_ar", sampler="25 Euler steps / chunk, KV cache", eval=ev(15.0)),
+            dict(step=10, loss=1.0, time=60.0), dict(step=20, loss=0.5, time=120.0),
+            dict(step=20, model="ar", eval=ev(19.0)), dict(step=30, loss=0.4, time=30.0),  # resumed: clock restarts
+            dict(step=30, model="ar", eval=ev(20.0))]
+    (tmp_path / "ar.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = metric.results_table(str(tmp_path)).splitlines()
+    assert len(table) == 4
+    assert table[2].startswith("| ar: baseline bidir_as_ar | 25 Euler steps / chunk, KV cache | 0 | 2 min | 15.00 dB")
+    assert table[3].startswith("| ar | 25 Euler / chunk, KV cache | 30 | 2 min | 20.00 dB | +1.00 dB (75%)")
+
+
+def test_compare_png_shows_the_truth_then_each_checkpoint(tmp_path):
+    from PIL import Image
+    path = str(tmp_path / "cmp.png")
+    metric.compare_samples(path, ["assets/cd", "assets/cd", "assets/dmd"], clips=1, scale=2)
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    h = 32 * 2
+    assert img.shape == (4 * h, 60 + 7 * h, 3)  # truth + 3 rows, frames 1..7
+    truth, cd1, cd2, dmd = (img[i * h:(i + 1) * h, 60:] for i in range(4))
+    assert np.array_equal(cd1, cd2)  # fixed noise: the same checkpoint draws the same row
+    assert not np.array_equal(cd1, dmd) and not np.array_equal(cd1, truth)
+    video = metric.eval_clips(1, 8, 32, 32, 64, 16)["video"][0]  # (3, F, H, W) in [-1, 1]
+    frame1 = ((video[:, 1] + 1) * 127.5).round().clamp(0, 255).permute(1, 2, 0).numpy().astype(int)
+    assert np.array_equal(truth[::2, :32 * 2:2][:, :32], frame1)  # nearest upscale of the true frame 1

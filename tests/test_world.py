@@ -1,0 +1,149 @@
+"""world.py: the procedural world - rendering, scenes and captions, training paths, held-out paths."""
+
+import numpy as np
+import torch
+
+import cameras
+import world
+from prope import Cameras
+
+from helpers import assert_rigid
+
+
+
+def test_render_deterministic_and_same_pose_same_frame():
+    cams = cameras.load_cameras("x*3")
+    video = world.render_world(7, cams, 24, 24)
+    assert video.shape == (3, 4, 24, 24) and video.min() >= -1 and video.max() <= 1
+    assert all(torch.equal(video[:, 0], video[:, f]) for f in range(1, 4))
+    assert torch.equal(video, world.render_world(7, cams, 24, 24))
+    assert not torch.equal(video, world.render_world(8, cams, 24, 24))
+    batched = Cameras(cams.w2c.expand(2, -1, -1, -1), cams.K.expand(2, -1, -1))  # the first path is used
+    assert torch.equal(video, world.render_world(7, batched, 24, 24))
+
+
+def test_forward_enlarges_centre_object():
+    cams = cameras.load_cameras("w", trans_step=1.5, pitch0=world.START_PITCH)
+    for seed in range(4):
+        _, labels = world.render_world(seed, cams, 32, 32, return_labels=True)
+        before, after = (labels[0] == 2).sum().item(), (labels[1] == 2).sum().item()  # object 0: straight ahead
+        assert before >= 6 and after > 1.4 * before, (seed, before, after)
+
+
+def test_pinhole_intrinsics_and_resolution():
+    cams = cameras.load_cameras("x")
+    for seed in range(3):
+        obj = world.make_scene(seed)["objects"][0]
+        x, y, z = (world.start_w2c() @ np.append(obj["centre"], 1))[:3]  # object 0's centre in the start camera
+        area = lambda K, size: (world.render_world(seed, Cameras(cams.w2c, K), size, size,
+                                                  return_labels=True)[1][0] == 2).sum().item()
+        for fx, fy, cx, cy in ([0.8, 0.8, 0.5, 0.5], [1.2, 0.9, 0.4, 0.6], [0.6, 0.7, 0.55, 0.35]):
+            u, v = fx * x / z + cx, fy * y / z + cy  # where the pinhole model puts the centre
+            K = torch.tensor([[fx, fy, cx, cy]] * 2)[None]
+            _, labels = world.render_world(seed, Cameras(cams.w2c, K), 32, 32, return_labels=True)
+            assert labels[0, int(v * 32), int(u * 32)] == 2
+        # zooming 2x about the object's image position quadruples its area; so does doubling the resolution
+        K = torch.tensor([[0.8, 0.8, 0.5, 0.5]] * 2)[None]
+        u, v = 0.8 * x / z + 0.5, 0.8 * y / z + 0.5
+        zoom = torch.tensor([[1.6, 1.6, u - 2 * (u - 0.5), v - 2 * (v - 0.5)]] * 2)[None]
+        small, big, zoomed = area(K, 32), area(K, 64), area(zoom, 32)
+        assert 3.3 < big / small < 4.7 and 3.3 < zoomed / small < 4.7, (seed, small, big, zoomed)
+
+
+def horizontal_shift(a, b, max_shift=10):
+    """The k that best explains b(x) = a(x + k): k > 0 when content moved left."""
+    a, b = a.mean(0), b.mean(0)  # grey (H, W)
+    W = a.shape[-1]
+    err = {k: ((b[:, max(0, -k):W - max(0, k)] - a[:, max(0, k):W - max(0, -k)]) ** 2).mean().item()
+           for k in range(-max_shift, max_shift + 1)}
+    return min(err, key=err.get)
+
+
+def test_yaw_right_moves_content_left():
+    for seed in (0, 3):
+        right = world.render_world(seed, cameras.load_cameras("l", rot_step=6, pitch0=world.START_PITCH), 64, 64)
+        left = world.render_world(seed, cameras.load_cameras("j", rot_step=6, pitch0=world.START_PITCH), 64, 64)
+        # 6° of a 64° field of view ≈ 0.8 · 64 · tan 6° ≈ 5 pixels
+        assert 3 <= horizontal_shift(right[:, 0], right[:, 1]) <= 7
+        assert -7 <= horizontal_shift(left[:, 0], left[:, 1]) <= -3
+    strafe = world.render_world(0, cameras.load_cameras("a", trans_step=0.5, pitch0=world.START_PITCH), 64, 64)
+    assert horizontal_shift(strafe[:, 0], strafe[:, 1]) < 0  # stepping left moves content right
+
+
+def test_start_view_is_ground_dominated():
+    start = cameras.load_cameras("x")
+    shares = []
+    for seed in range(10):
+        _, labels = world.render_world(seed, start, 32, 32, return_labels=True)
+        shares.append((labels[0] == world.GROUND).float().mean().item())
+    print(f"ground share of the start view: mean {np.mean(shares):.2f}, min {min(shares):.2f}")
+    assert min(shares) >= 0.6 and np.mean(shares) <= 0.85
+
+
+def test_sample_trajectory_mix():
+    g = torch.Generator().manual_seed(0)
+    kinds, speeds = {"still": 0, "stop": 0, "move": 0}, set()
+    for _ in range(300):
+        actions, cams = world.sample_trajectory(g, 8)
+        assert cams.num_frames == 8 and len(cameras.parse_actions(actions)) == 7
+        kinds["still" if actions == "x*7" else "stop" if "x" in actions else "move"] += 1
+        centres = -(cams.w2c[0, :, :3, :3].mT @ cams.w2c[0, :, :3, 3:])[..., 0]
+        speeds.add(round(centres[1].norm().item() + cams.w2c[0, 1].trace().item(), 4))  # step size of frame 1
+        in_world = cams.w2c[0].double() @ torch.tensor(world.start_w2c())
+        height = (in_world[:, :3, :3].mT @ in_world[:, :3, 3:])[:, 1, 0]  # -y of the camera centre = +(Rᵀt)_y
+        assert height.min() >= 0.3
+    print("trajectory kinds of 300:", kinds)
+    assert 20 <= kinds["still"] <= 60 and 20 <= kinds["stop"] <= 60
+    assert len(speeds) > 100  # step sizes vary per clip
+
+
+def test_captions_and_text_embedding():
+    scene = world.make_scene(5)
+    text = world.caption(5)
+    assert text.endswith("checkered ground") and scene["ground"][0] in text
+    for obj in scene["objects"]:
+        assert f"{obj['colour']} {obj['kind']}" in text
+    emb = world.text_embedding(text, 16, 48)
+    words = len(text.replace(",", "").split())
+    assert emb.shape == (48, 16) and emb[words:].abs().sum() == 0 and (emb[:words].abs().sum(-1) > 0).all()
+    assert torch.equal(emb, world.text_embedding(text, 16, 48))
+    other = world.text_embedding("a red sphere", 16, 48)
+    assert torch.equal(other[0], world.text_embedding("a blue box", 16, 48)[0])  # same word, same place
+    assert not torch.equal(other[1], world.text_embedding("a blue box", 16, 48)[1])
+    assert world.text_embedding(text, 16, 4).shape == (4, 16)  # truncated
+
+
+def check_clip(clip, frames, size, text_len=32, text_dim=32):
+    assert clip["video"].shape == (3, frames, size, size)
+    assert clip["video"].min() >= -1 and clip["video"].max() <= 1
+    assert clip["w2c"].shape == (frames, 4, 4) and clip["K"].shape == (frames, 4)
+    assert torch.equal(clip["w2c"][0], torch.eye(4))
+    assert_rigid(clip["w2c"])
+    assert clip["text"].shape == (text_len, text_dim) and isinstance(clip["caption"], str)
+    assert 0 <= clip["scene_seed"] < world.EVAL_SEED_BASE
+    assert cameras.load_cameras(clip["actions"]).num_frames == frames
+
+
+def test_make_clip_depends_on_seed_and_index_only():
+    clips = [world.make_clip(0, i, 4, 16, 16, 32, 32) for i in range(3)]
+    for clip in clips:
+        check_clip(clip, 4, 16)
+    assert len({c["scene_seed"] for c in clips}) == 3
+    again = world.make_clip(0, 1, 4, 16, 16, 32, 32)
+    assert torch.equal(again["video"], clips[1]["video"]) and again["actions"] == clips[1]["actions"]
+    other = world.make_clip(1, 1, 4, 16, 16, 32, 32)
+    assert other["scene_seed"] != clips[1]["scene_seed"]
+
+
+def test_heldout_paths_are_held_out_fixed_and_moving():
+    held = [world.heldout_path(i, 5) for i in range(3)]
+    assert [s for s, *_ in held] == [world.EVAL_SEED_BASE + i for i in range(3)]
+    for seed, actions, cams in held:
+        assert cams.num_frames == 5
+        assert "x" not in actions  # moving paths only
+        assert (cameras.mirror_cameras(cams).w2c - cams.w2c).abs().max() > 0.1
+    again = [world.heldout_path(i, 5) for i in range(3)]
+    assert all(torch.equal(a[2].w2c, b[2].w2c) and a[1] == b[1] for a, b in zip(held, again))
+    assert world.heldout_path(0, 5, seed=1)[0] == world.EVAL_SEED_BASE + 100_000
+    train = [world.make_clip(0, i, 2, 4, 4, 8, 4)["scene_seed"] for i in range(24)]
+    assert max(train) < world.EVAL_SEED_BASE
