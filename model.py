@@ -437,6 +437,8 @@ class DiT(nn.Module):
 
 # the few-step sampler's timesteps (Self-Forcing / Causal Forcing lineage), warped through the shift
 FEW_STEP_TIMESTEPS = (1000, 750, 500, 250)
+# the streaming cache of infer.py and the long-rollout metric: latent frames kept as sink and as the recent window
+STREAM_SINK, STREAM_WINDOW = 1, 8
 
 
 def shift_sigma(sigma, shift):
