@@ -160,19 +160,23 @@ def attention(q, k, v, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def teacher_forcing_mask(frames, chunk, tokens_per_frame, device=None):
+def teacher_forcing_mask(frames, chunk, tokens_per_frame, device=None, sink=0, window=None):
     """Block-causal mask over [clean (frames) | noisy (frames)] tokens (Stage 1, teacher forcing).
 
     A clean token in chunk i sees clean chunks <= i; a noisy token in chunk i sees clean chunks < i
-    and its own noisy chunk. Returns bool (2N, 2N), N = frames * tokens_per_frame.
+    and its own noisy chunk. With a window, earlier frames are seen only if they are among the
+    `window` frames before chunk i or among the first `sink` frames: exactly what a rollout through
+    KVCache(sink, window) attends to. Returns bool (2N, 2N), N = frames * tokens_per_frame.
     """
-    c = torch.arange(frames, device=device) // chunk  # chunk id of each frame
+    f = torch.arange(frames, device=device)
+    c = f // chunk  # chunk id of each frame
     qi, kj = c[:, None], c[None, :]
-    clean_clean = kj <= qi
-    noisy_clean = kj < qi
-    noisy_noisy = kj == qi
-    top = torch.cat([clean_clean, torch.zeros_like(clean_clean)], 1)
-    bottom = torch.cat([noisy_clean, noisy_noisy], 1)
+    before = kj < qi
+    if window is not None:  # earlier frames only within the window before the chunk's start, or sinks
+        before = before & ((f[None, :] >= c[:, None] * chunk - window) | (f[None, :] < sink))
+    same = kj == qi
+    top = torch.cat([before | same, torch.zeros_like(same)], 1)  # clean rows
+    bottom = torch.cat([before, same], 1)  # noisy rows
     m = torch.cat([top, bottom], 0)  # (2F, 2F) at frame level
     return m.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
@@ -180,53 +184,61 @@ def teacher_forcing_mask(frames, chunk, tokens_per_frame, device=None):
 class KVCache:
     """Per-layer preallocated keys/values for a chunk-by-chunk rollout (attention mode 3, the rollout).
 
-    Slots, in frames: [sink | window (ring) | scratch (one chunk)]. The chunk being denoised writes
-    its K/V into the scratch slots on every step; the final t = 0 pass (`commit=True`) copies its
-    clean K/V into the sink or ring slots. Keys are stored after RoPE (absolute positions) and after
-    PRoPE, so nothing in the cache is recomputed. Memory stays flat however long the rollout.
+    Slots, in latent frames: [sink | window (a ring) | scratch (one chunk)]. Keys are stored after
+    RoPE (absolute positions) and after PRoPE, so nothing in the cache is recomputed, and the order
+    of keys in the buffer does not matter to attention. Frames are committed in order, so the filled
+    slots are always a prefix of [sink | window]; the chunk being denoised writes its K/V right after
+    that prefix (into the scratch once the ring is full) and attends to one contiguous view: the
+    filled prefix and itself. No mask, SDPA's fused path, and a cost that grows with what the cache
+    holds, not with its capacity. The final t = 0 pass (`commit=True`) makes the chunk context for
+    the next ones; once the ring is full its frames replace the oldest ones, after that pass has
+    attended to them (`advance`). Memory stays flat however long the rollout; no host-device sync.
     """
 
     def __init__(self, cfg, batch, tokens_per_frame, sink=1, window=64, chunk=None, device=None, dtype=torch.float32):
         self.tpf, self.sink, self.window, self.chunk = tokens_per_frame, sink, window, chunk or cfg.chunk
         self.slots = sink + window + self.chunk  # in frames
-        S = self.slots * tokens_per_frame
-        shape = (batch, cfg.num_heads, S, cfg.head_dim)
+        shape = (batch, cfg.num_heads, self.slots * tokens_per_frame, cfg.head_dim)
         n = 4 if cfg.prope == "branch" else 2  # k, v (+ k, v of the PRoPE branch)
         self.kv = [[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)] for _ in range(cfg.num_layers)]
-        self.valid = torch.zeros(S, dtype=torch.bool, device=device)
+        self.text = [None] * cfg.num_layers  # (context, (k, v)) of each layer's cross-attention (DiT.text_kv)
+        self.filled = 0  # frames in the [sink | window] prefix
         self.frames_written = 0  # absolute index of the next frame to commit
+        self.at = 0  # the slot (frame) where the chunk of the current forward sits
 
     def slot_of(self, frame):
         return frame if frame < self.sink else self.sink + (frame - self.sink) % self.window
 
     def attend(self, layer, new, n_frames, commit):
-        """Write the chunk's tensors into the scratch slots; return views over the whole buffer and the mask."""
-        bufs = self.kv[layer]
-        n = n_frames * self.tpf
-        s0 = (self.sink + self.window) * self.tpf
+        """Put the chunk's tensors `new` (each (B, H, n_frames * tpf, D)) after the filled prefix;
+        return [(B, H, S, D)] over the prefix and the chunk, and the mask (always None)."""
+        bufs, held = self.kv[layer], self.filled * self.tpf
         if torch.is_grad_enabled() and new[0].requires_grad:
             # a forward that trains (DMD's exit step): concatenate instead of writing in place, since
             # later in-place cache writes would invalidate tensors autograd saved for the backward
             if commit:
                 raise ValueError("KVCache: commit the clean chunk under torch.no_grad()")
-            mask = torch.cat([self.valid[:s0], self.valid.new_ones(n)])
-            return [torch.cat([buf[:, :, :s0], x], 2) for buf, x in zip(bufs, new)], \
-                (None if bool(mask.all()) else mask[None])
+            return [torch.cat([buf[:, :, :held], x], 2) for buf, x in zip(bufs, new)], None
+        # while the ring has room the chunk sits in its own slots for good; otherwise in the scratch
+        self.at = self.filled if self.filled + n_frames <= self.sink + self.window else self.sink + self.window
+        s, n = self.at * self.tpf, n_frames * self.tpf
         for buf, x in zip(bufs, new):
-            buf[:, :, s0:s0 + n] = x
-        mask = self.valid.clone()
-        mask[s0:s0 + n] = True
-        if commit:  # the clean pass: this chunk becomes context for the next ones
-            for f in range(n_frames):
-                s = self.slot_of(self.frames_written + f) * self.tpf
-                for buf, x in zip(bufs, new):
-                    buf[:, :, s:s + self.tpf] = x[:, :, f * self.tpf:(f + 1) * self.tpf]
-        return bufs, (None if bool(mask.all()) else mask[None])
+            buf[:, :, s:s + n] = x
+        if self.at != self.filled:  # the one chunk overflowing a ring not yet full: prefix and chunk apart
+            return [torch.cat([buf[:, :, :held], x], 2) for buf, x in zip(bufs, new)], None
+        return [buf[:, :, :s + n] for buf in bufs], None
 
     def advance(self, n_frames):
+        """After a commit pass: the chunk's frames become context (copied from where they sat into
+        their ring slots, evicting the oldest frames of a full ring)."""
         for f in range(n_frames):
-            s = self.slot_of(self.frames_written + f) * self.tpf
-            self.valid[s:s + self.tpf] = True
+            slot = self.slot_of(self.frames_written + f)
+            if slot != self.at + f:
+                s, src = slot * self.tpf, (self.at + f) * self.tpf
+                for bufs in self.kv:
+                    for buf in bufs:
+                        buf[:, :, s:s + self.tpf] = buf[:, :, src:src + self.tpf]
+        self.filled = min(self.filled + n_frames, self.sink + self.window)
         self.frames_written += n_frames
 
 
@@ -286,12 +298,15 @@ class CrossAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.norm_q, self.norm_k = nn.RMSNorm(d, eps=cfg.eps), nn.RMSNorm(d, eps=cfg.eps)
 
-    def forward(self, x, context):  # x (B, N, dim), context (B, L, dim)
+    def text_kv(self, context):
+        """context (B, L, dim) -> k, v (B, H, L, head_dim): the same for every chunk and step of a rollout."""
+        split = lambda t: t.view(t.shape[0], t.shape[1], self.H, -1).transpose(1, 2)
+        return split(self.norm_k(self.k(context))), split(self.v(context))
+
+    def forward(self, x, kv):  # x (B, N, dim), kv from text_kv
         B, N, d = x.shape
-        split = lambda t: t.view(B, t.shape[1], self.H, -1).transpose(1, 2)
-        q = split(self.norm_q(self.q(x)))
-        k, v = split(self.norm_k(self.k(context))), split(self.v(context))
-        return self.o(attention(q, k, v).transpose(1, 2).reshape(B, N, d))
+        q = self.norm_q(self.q(x)).view(B, N, self.H, -1).transpose(1, 2)
+        return self.o(attention(q, *kv).transpose(1, 2).reshape(B, N, d))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,15 +324,15 @@ class Block(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
 
-    def forward(self, x, e, context, pos, layer):
-        # x (B, N, dim); e (B, Ft, 6, dim) from the time projection; context (B, L, dim)
+    def forward(self, x, e, text_kv, pos, layer):
+        # x (B, N, dim); e (B, Ft, 6, dim) from the time projection; text_kv: this layer's text k, v
         shift, scale, g, c_shift, c_scale, c_g = (self.modulation.float()[:, None] + e.float()).unbind(2)
         F_ = pos["n_frames"]
         y = self.self_attn(modulate(layer_norm(x, self.eps), shift, scale, F_), pos, layer)
         x = x + gate(y, g)
         n3 = self.norm3
         xn = layer_norm(x, self.eps, n3.weight, n3.bias) if isinstance(n3, nn.LayerNorm) else x
-        x = x + self.cross_attn(xn, context)
+        x = x + self.cross_attn(xn, text_kv)
         y = self.ffn(modulate(layer_norm(x, self.eps), c_shift, c_scale, F_))
         return x + gate(y, c_g)
 
@@ -378,15 +393,17 @@ class DiT(nn.Module):
         return self.patch_embedding(x).flatten(2).transpose(1, 2)
 
     def forward(self, x, t, context, cameras=None, cond=None, *, clean=None, cache=None, commit=False,
-                frame_offset=0):
+                frame_offset=0, sink=0, window=None):
         """Predict the flow-matching velocity v = noise - x0 (same shape as x).
 
         x: (B, C, F, H, W) latents; t: (B,) or per-frame (B, F) on the 0..1000 scale;
         context: (B, L, text_dim) text embeddings (padding them is the caller's job);
         cameras: prope.Cameras of the F frames; cond: (B, in_channels - C, F, H, W) or None (zeros).
         Modes: default bidirectional; `clean=` (B, C, F, H, W) -> teacher forcing over [clean | x] with
-        the block-causal mask, returns the prediction for x; `cache=` a KVCache -> x is the chunk that
-        starts at absolute frame `frame_offset`, `commit=True` stores its K/V as context.
+        the block-causal mask (limited to `sink` + `window` earlier frames when window is given, as a
+        rollout through KVCache(sink, window) sees them), returns the prediction for x; `cache=` a
+        KVCache -> x is the chunk that starts at absolute frame `frame_offset`, `commit=True` stores
+        its K/V as context.
         """
         self._check(x, t, context, cameras, cond)
         cfg = self.cfg
@@ -406,16 +423,16 @@ class DiT(nn.Module):
             t = torch.cat([torch.zeros_like(t.expand(B, f)), t.expand(B, f)], 1)  # (B, 2f)
             frames = torch.cat([frames, frames])
             cams = None if cams is None else (torch.cat([cams[0]] * 2, 1), torch.cat([cams[1]] * 2, 1))
-            mask = teacher_forcing_mask(f, cfg.chunk // pt or 1, h * w, x.device)
+            mask = teacher_forcing_mask(f, cfg.chunk // pt or 1, h * w, x.device, sink, window)
             n_frames = 2 * f
         rd = cfg.head_dim - cfg.inline_prope_dim
         pos = dict(rope=rope_tables(rd, frames, h, w, cfg.rope_theta, x.device), cams=cams, mask=mask,
                    cache=cache, commit=commit, n_frames=n_frames)
         temb = self.time_embedding(sinusoidal(t, cfg.freq_dim))  # (B, Ft, dim)
         e = self.time_projection(temb).unflatten(-1, (6, cfg.dim))  # (B, Ft, 6, dim)
-        ctx = self.text_embedding(context)  # (B, L, dim)
+        text_kv = self.text_kv(context, cache)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e, ctx, pos, i)
+            tokens = block(tokens, e, text_kv[i], pos, i)
         if cache is not None and commit:
             cache.advance(f)
         out = self.head(tokens, temb, n_frames)  # (B, N, C*pt*ph*pw)
@@ -423,6 +440,19 @@ class DiT(nn.Module):
             out = out[:, out.shape[1] // 2:]
         out = out.view(B, f, h, w, pt, ph, pw, C).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(B, C, F_, H, W)
+
+    def text_kv(self, context, cache=None):
+        """Every layer's cross-attention k, v of the text (B, L, text_dim). A rollout's cache keeps them:
+        the text is the same for every chunk and step, so they are computed once (not while training
+        through the cache, where the gradient must reach the text projections)."""
+        reuse = cache is not None and not torch.is_grad_enabled()
+        if reuse and cache.text[0] is not None and cache.text[0][0] is context:
+            return [kv for _, kv in cache.text]
+        ctx = self.text_embedding(context)  # (B, L, dim)
+        kv = [block.cross_attn.text_kv(ctx) for block in self.blocks]
+        if reuse:
+            cache.text = [(context, layer_kv) for layer_kv in kv]
+        return kv
 
     def new_cache(self, batch, height, width, sink=1, window=64, device=None, dtype=torch.float32):
         """A KV cache for latents of (height, width); sink + window in latent frames."""
