@@ -14,6 +14,7 @@ Read top to bottom:
 Parameter names follow the ORIGINAL Wan layout (`blocks.0.self_attn.q.weight`), so Wan, CausVid,
 Self-Forcing and minWM checkpoints load without renaming; diffusers names are converted on load.
 """
+import functools
 import json
 import math
 import os
@@ -23,6 +24,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.utils.checkpoint import checkpoint
 
 import prope
 
@@ -139,16 +142,18 @@ def layer_norm(x, eps, weight=None, bias=None):
 
 
 def modulate(x, shift, scale, frames):
-    """x (B, N, D) with N = frames * tokens; shift/scale (B, Ft, D) with Ft = 1 or frames."""
+    """x (B, N, D) with N = frames * tokens; shift/scale (B, Ft, D) with Ft = 1 or frames, in fp32.
+    Computed in fp32 (as Wan does), returned in x's dtype for the next (maybe bf16) linear layer."""
     B, N, D = x.shape
     Ft = shift.shape[1]
-    y = x.view(B, Ft, N // Ft, D) * (1 + scale[:, :, None]) + shift[:, :, None]
-    return y.view(B, N, D)
+    y = x.view(B, Ft, N // Ft, D).float() * (1 + scale[:, :, None]) + shift[:, :, None]
+    return y.view(B, N, D).to(x.dtype)
 
 
-def gate(x, g):
-    B, N, D = x.shape
-    return (x.view(B, g.shape[1], -1, D) * g[:, :, None]).view(B, N, D)
+def gated_residual(x, y, g):
+    """x + y * g in fp32, back in the residual stream's dtype; y (B, N, D), g (B, Ft, D)."""
+    B, N, D = y.shape
+    return (x.float() + (y.float().view(B, g.shape[1], -1, D) * g[:, :, None]).view(B, N, D)).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,8 +161,22 @@ def gate(x, g):
 
 
 def attention(q, k, v, mask=None):
-    """q (B, H, Nq, D), k/v (B, H, Nk, D); mask: bool (Nq, Nk) or (1, Nk), True = may attend."""
+    """q (B, H, Nq, D), k/v (B, H, Nk, D); mask: None, a bool (Nq, Nk) tensor (True = may attend), or
+    a flex_attention BlockMask (teacher forcing at scale: only the blocks that attend are computed)."""
+    if isinstance(mask, BlockMask):
+        return _flex_attention(q, k, v, block_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _flex_attention(q, k, v, block_mask):
+    # compiled on CUDA (the fused kernel); eager elsewhere (the CPU test path: correct, slow)
+    global _FLEX
+    if q.is_cuda and _FLEX is flex_attention:
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return (_FLEX if q.is_cuda else flex_attention)(q, k, v, block_mask=block_mask)
+
+
+_FLEX = flex_attention
 
 
 def teacher_forcing_mask(frames, chunk, tokens_per_frame, device=None, sink=0, window=None):
@@ -179,6 +198,24 @@ def teacher_forcing_mask(frames, chunk, tokens_per_frame, device=None, sink=0, w
     bottom = torch.cat([before, same], 1)  # noisy rows
     m = torch.cat([top, bottom], 0)  # (2F, 2F) at frame level
     return m.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def teacher_forcing_block_mask(frames, chunk, tokens_per_frame, device, sink=0, window=None):
+    """teacher_forcing_mask as a flex_attention BlockMask, built once per shape: the dense (2N)^2 mask
+    of 21 Wan frames (65,520 tokens) would be 4 GB and the attention over it not fused."""
+    def mask_mod(b, h, q, k):
+        qf, kf = q // tokens_per_frame, k // tokens_per_frame  # frame in [0, 2 frames): clean, then noisy
+        q_noisy, k_noisy = qf >= frames, kf >= frames
+        qc, kf = (qf % frames) // chunk, kf % frames
+        kc = kf // chunk
+        before = kc < qc
+        if window is not None:
+            before = before & ((kf >= qc * chunk - window) | (kf < sink))
+        same = kc == qc
+        return (~q_noisy & ~k_noisy & (before | same)) | (q_noisy & ((~k_noisy & before) | (k_noisy & same)))
+    n = 2 * frames * tokens_per_frame
+    return create_block_mask(mask_mod, None, None, n, n, device=device)
 
 
 class KVCache:
@@ -329,12 +366,12 @@ class Block(nn.Module):
         shift, scale, g, c_shift, c_scale, c_g = (self.modulation.float()[:, None] + e.float()).unbind(2)
         F_ = pos["n_frames"]
         y = self.self_attn(modulate(layer_norm(x, self.eps), shift, scale, F_), pos, layer)
-        x = x + gate(y, g)
+        x = gated_residual(x, y, g)
         n3 = self.norm3
         xn = layer_norm(x, self.eps, n3.weight, n3.bias) if isinstance(n3, nn.LayerNorm) else x
         x = x + self.cross_attn(xn, text_kv)
         y = self.ffn(modulate(layer_norm(x, self.eps), c_shift, c_scale, F_))
-        return x + gate(y, c_g)
+        return gated_residual(x, y, c_g)
 
 
 class Head(nn.Module):
@@ -360,6 +397,8 @@ class DiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        self.grad_ckpt = False  # activation checkpointing per block while training (--grad_ckpt)
+        self.flex = None  # teacher forcing with a flex_attention BlockMask: None = on CUDA, else the dense mask
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -390,7 +429,7 @@ class DiT(nn.Module):
             if cond is None:
                 cond = x.new_zeros(x.shape[0], self.cfg.in_channels - x.shape[1], *x.shape[2:])
             x = torch.cat([x, cond.to(x.dtype)], 1)
-        return self.patch_embedding(x).flatten(2).transpose(1, 2)
+        return self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
 
     def forward(self, x, t, context, cameras=None, cond=None, *, clean=None, cache=None, commit=False,
                 frame_offset=0, sink=0, window=None):
@@ -423,23 +462,29 @@ class DiT(nn.Module):
             t = torch.cat([torch.zeros_like(t.expand(B, f)), t.expand(B, f)], 1)  # (B, 2f)
             frames = torch.cat([frames, frames])
             cams = None if cams is None else (torch.cat([cams[0]] * 2, 1), torch.cat([cams[1]] * 2, 1))
-            mask = teacher_forcing_mask(f, cfg.chunk // pt or 1, h * w, x.device, sink, window)
+            flex = self.flex if self.flex is not None else x.is_cuda
+            mask = (teacher_forcing_block_mask if flex else teacher_forcing_mask)(f, cfg.chunk // pt or 1, h * w,
+                                                                                  x.device, sink, window)
             n_frames = 2 * f
         rd = cfg.head_dim - cfg.inline_prope_dim
         pos = dict(rope=rope_tables(rd, frames, h, w, cfg.rope_theta, x.device), cams=cams, mask=mask,
                    cache=cache, commit=commit, n_frames=n_frames)
-        temb = self.time_embedding(sinusoidal(t, cfg.freq_dim))  # (B, Ft, dim)
+        # the sinusoid is fp32 (timesteps up to 1000 need it); the embedding layers may be bf16
+        temb = self.time_embedding(sinusoidal(t, cfg.freq_dim).to(self.time_embedding[0].weight.dtype))  # (B, Ft, dim)
         e = self.time_projection(temb).unflatten(-1, (6, cfg.dim))  # (B, Ft, 6, dim)
         text_kv = self.text_kv(context, cache)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e, text_kv[i], pos, i)
+            if self.grad_ckpt and torch.is_grad_enabled() and cache is None:  # recompute in the backward
+                tokens = checkpoint(block, tokens, e, text_kv[i], pos, i, use_reentrant=False)
+            else:
+                tokens = block(tokens, e, text_kv[i], pos, i)
         if cache is not None and commit:
             cache.advance(f)
         out = self.head(tokens, temb, n_frames)  # (B, N, C*pt*ph*pw)
         if clean is not None:
             out = out[:, out.shape[1] // 2:]
         out = out.view(B, f, h, w, pt, ph, pw, C).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return out.reshape(B, C, F_, H, W)
+        return out.reshape(B, C, F_, H, W).to(x.dtype)  # the samplers keep latents in x's dtype (fp32)
 
     def text_kv(self, context, cache=None):
         """Every layer's cross-attention k, v of the text (B, L, text_dim). A rollout's cache keeps them:
@@ -448,14 +493,15 @@ class DiT(nn.Module):
         reuse = cache is not None and not torch.is_grad_enabled()
         if reuse and cache.text[0] is not None and cache.text[0][0] is context:
             return [kv for _, kv in cache.text]
-        ctx = self.text_embedding(context)  # (B, L, dim)
+        ctx = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))  # (B, L, dim)
         kv = [block.cross_attn.text_kv(ctx) for block in self.blocks]
         if reuse:
             cache.text = [(context, layer_kv) for layer_kv in kv]
         return kv
 
-    def new_cache(self, batch, height, width, sink=1, window=64, device=None, dtype=torch.float32):
-        """A KV cache for latents of (height, width); sink + window in latent frames."""
+    def new_cache(self, batch, height, width, sink=1, window=64, device=None, dtype=None):
+        """A KV cache for latents of (height, width); sink + window in latent frames; dtype: the model's."""
+        dtype = dtype or self.patch_embedding.weight.dtype
         tpf = (height // self.cfg.patch_size[1]) * (width // self.cfg.patch_size[2])
         return KVCache(self.cfg, batch, tpf, sink, window, device=device, dtype=dtype)
 
@@ -562,7 +608,7 @@ def sample_ar(model, noise, context, cameras=None, cond=None, sigmas=None, renoi
     """Chunk-by-chunk AR rollout of a whole clip through a fresh KV cache (the control metric, DMD)."""
     B, C, F_, H, W = noise.shape
     chunk = model.cfg.chunk
-    cache = model.new_cache(B, H, W, sink=sink, window=window, device=noise.device, dtype=noise.dtype)
+    cache = model.new_cache(B, H, W, sink=sink, window=window, device=noise.device)
     out = []
     for start in range(0, F_, chunk):
         stop = min(start + chunk, F_)

@@ -313,3 +313,57 @@ def test_schedule_facts():
     x0, n = torch.randn(3), torch.randn(3)
     xt = M.add_noise(x0, n, 0.3)
     assert torch.allclose(xt - 0.3 * (n - x0), x0, atol=1e-6)  # x0 = x_t - sigma v
+
+
+def test_bf16_parameters_run_forward_and_rollout_close_to_fp32():
+    net = M.load_pretrained("assets/dmd").eval()
+    half = M.load_pretrained("assets/dmd").to(torch.bfloat16).eval()
+    x, t, ctx, cams = inputs(B=2, F=4)
+    x = torch.randn(2, 12, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(1))
+    cond = M.image_cond(x[:, :, 0], 4)
+    with torch.no_grad():
+        a, b = net(x, t, ctx, cams, cond), half(x, t, ctx, cams, cond)
+        assert b.dtype == torch.float32  # velocities come back in the latents' dtype
+        assert (a - b).abs().mean() < 0.01 * a.abs().mean() + 1e-3 and (a - b).abs().max() < 0.1
+        few = M.few_step_sigmas()
+        s1 = M.sample_ar(net, x, ctx, cams, cond, few, renoise=True, generator=torch.Generator().manual_seed(0))
+        s2 = M.sample_ar(half, x, ctx, cams, cond, few, renoise=True, generator=torch.Generator().manual_seed(0))
+        assert (s1 - s2).abs().mean() < 0.02 * s1.abs().mean() and (s1 - s2).abs().max() < 0.1
+
+
+def test_flex_block_mask_teacher_forcing_equals_the_dense_mask():
+    import warnings
+    net = tiny("inline", seed=5)
+    B, F = 2, 6
+    g = torch.Generator().manual_seed(3)
+    clean, noisy = torch.randn(B, 4, F, 4, 4, generator=g), torch.randn(B, 4, F, 4, 4, generator=g)
+    ctx, cams, t = torch.randn(B, 3, 8, generator=g), random_cameras(B, F, g), torch.rand(B, F, generator=g) * 1000
+    cond = M.image_cond(clean[:, :, 0], F)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs uncompiled on the CPU
+        for sink, window in ((0, None), (1, 2)):
+            net.flex = False
+            dense = net(noisy, t, ctx, cams, cond, clean=clean, sink=sink, window=window)
+            net.flex = True
+            flex = net(noisy, t, ctx, cams, cond, clean=clean, sink=sink, window=window)
+            assert (dense - flex).abs().max() < 1e-5
+    for sink, window in ((0, None), (1, 2), (2, 1)):  # the BlockMask's rule, token by token, is the dense mask
+        block = M.teacher_forcing_block_mask(F, 2, 4, torch.device("cpu"), sink, window)
+        n = torch.arange(2 * F * 4)
+        assert torch.equal(block.mask_mod(0, 0, n[:, None], n[None, :]), M.teacher_forcing_mask(F, 2, 4, None, sink, window))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    net = tiny("inline", seed=6)
+    B, F = 2, 4
+    g = torch.Generator().manual_seed(4)
+    clean, noisy = torch.randn(B, 4, F, 4, 4, generator=g), torch.randn(B, 4, F, 4, 4, generator=g)
+    ctx, cams, t = torch.randn(B, 3, 8, generator=g), random_cameras(B, F, g), torch.rand(B, F, generator=g) * 1000
+    grads = []
+    for ckpt in (False, True):
+        net.zero_grad()
+        net.grad_ckpt = ckpt
+        net(noisy, t, ctx, cams, M.image_cond(clean[:, :, 0], F), clean=clean).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert grads[0].abs().max() > 0 and (grads[0] - grads[1]).abs().max() < 1e-6
