@@ -243,6 +243,11 @@ class KVCache:
         self.frames_written = 0  # absolute index of the next frame to commit
         self.at = 0  # the slot (frame) where the chunk of the current forward sits
 
+    def reset(self):
+        """Empty the cache for a new rollout, keeping its memory."""
+        self.text = [None] * len(self.text)
+        self.filled = self.frames_written = self.at = 0
+
     def slot_of(self, frame):
         return frame if frame < self.sink else self.sink + (frame - self.sink) % self.window
 
