@@ -142,6 +142,7 @@ class StageConfig:
     """The flags every training stage has; a stage's Config subclasses it, adds its own fields and
     re-declares the defaults it changes (lr, max_steps, ...)."""
     data: str = ""  # a cache from `python data.py prepare`; "" = the procedural world
+    model_config: str = ""  # for --ckpt / --teacher / --init weights that carry no config: a checkpoint's JSON or ModelConfig fields
     out_dir: str = "out"  # checkpoints, logs, samples
     frames: int = 8  # latent frames per clip
     height: int = 32  # video pixels (procedural world)
@@ -167,6 +168,7 @@ class StageConfig:
     save_every: int = 250
     seed: int = 0
     resume: bool = False  # continue OUT_DIR/NAME from its last save (weights, optimizer, RNG)
+    overwrite: bool = False  # start OUT_DIR/NAME afresh although a checkpoint is there (its log starts anew too)
     stop_after: int = 0  # end this run after N steps as if interrupted (resume later with --resume)
     quick: bool = False  # smoke size for tests and CI
     device: str = ""  # "" = cuda if available, else cpu
@@ -194,15 +196,48 @@ def setup_ddp(device=None):
         atexit.register(cleanup_ddp)  # however the stage ends, the process group goes with it
     return rank, local_rank, world_size, device
 
+def check_stage_config(cfg):
+    """Refuse, in one line each, settings that cannot give a meaningful run (before anything is loaded)."""
+    rules = {  # field: (test, what it must be)
+        **{k: (lambda v: v >= 1, "at least 1") for k in ("batch_size", "height", "width", "text_len", "max_steps",
+                                                        "eval_every", "save_every", "log_every", "eval_clips")},
+        **{k: (lambda v: v >= 0, "at least 0") for k in ("warmup", "ema_warmup", "stop_after", "seed")},
+        **{k: (lambda v: math.isfinite(v) and v > 0, "a finite number > 0") for k in ("lr", "shift", "grad_clip")},
+        **{k: (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0") for k in ("min_lr", "weight_decay",
+                                                                                       "camera_noise")},
+        "frames": (lambda v: v >= 2, "at least 2 (frame 0 is given, the rest are generated)"),
+        "ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "text_drop": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    }
+    for key, (ok, what) in rules.items():
+        if hasattr(cfg, key) and not ok(getattr(cfg, key)):
+            die(f"--{key}={getattr(cfg, key)} must be {what}")
+    if not cfg.data and (cfg.height % 4 or cfg.width % 4):  # pixel codec x2, then the patch x2
+        die(f"--height={cfg.height} --width={cfg.width}: the embedded world needs multiples of 4")
+    if cfg.resume and cfg.overwrite:
+        die("--resume and --overwrite contradict each other: continue the run, or start it over")
+
 def start(cfg):
-    """The first lines of every stage: DDP, out_dir, log file, seeds. Returns (rank, local_rank, world, device, stem)."""
+    """The first lines of every stage: checks, DDP, out_dir, log file, seeds. Returns (rank, local_rank,
+    world, device, stem). A run never silently replaces a checkpoint or its own input."""
+    check_stage_config(cfg)
+    stem = os.path.join(cfg.out_dir, cfg.name)
+    for key in ("ckpt", "teacher", "init"):  # the inputs
+        if getattr(cfg, key, "") and os.path.abspath(stem_of(getattr(cfg, key))) == os.path.abspath(stem):
+            die(f"--{key}={getattr(cfg, key)} is this run's own output ({stem}): pick another --out_dir or --name")
+    if not cfg.resume and os.path.exists(stem + ".json") and not cfg.overwrite:
+        die(f"{stem} already holds a checkpoint: --resume continues it, --overwrite starts it over")
     rank, local_rank, world, device = setup_ddp(getattr(cfg, "device", "") or None)
     if cfg.batch_size % world:
         die(f"--batch_size={cfg.batch_size} is not divisible by the {world} processes")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    set_log_file(os.path.join(cfg.out_dir, f"{cfg.name}.log"))
+    if cfg.overwrite and is_main():  # a run started over keeps no lines of the old one's log
+        for suffix in (".metrics.jsonl", ".log"):
+            if os.path.exists(stem + suffix):
+                os.remove(stem + suffix)
+    set_log_file(stem + ".log")
     seed_everything(cfg.seed, rank)
-    return rank, local_rank, world, device, os.path.join(cfg.out_dir, cfg.name)
+    return rank, local_rank, world, device, stem
 
 def ddp(model, world, local_rank, device):
     """The model wrapped in DistributedDataParallel when several processes train, else itself."""
@@ -305,9 +340,11 @@ def _jsonable(x):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
-    if x is None or isinstance(x, (bool, int, float, str)):
+    if x is None or isinstance(x, (bool, int, str)) or isinstance(x, float) and math.isfinite(x):
         return x
-    return x.item() if isinstance(x, (np.generic, torch.Tensor)) and x.ndim == 0 else str(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return None  # JSON has no NaN: null, which every reader understands
+    return _jsonable(x.item()) if isinstance(x, (np.generic, torch.Tensor)) and x.ndim == 0 else str(x)
 
 def atomic_write(path, write):
     """write(tmp) then fsync and os.replace, so path is either the old file or the complete new one."""
@@ -364,8 +401,7 @@ def save_checkpoint(stem, state_dict, *, config, stage, step, parent=None, model
         atomic_write(stem + ".opt.pt", lambda p: torch.save({"optimizer": opt, "step": step, "rng": rng}, p))
     elif os.path.exists(stem + ".opt.pt"):
         os.remove(stem + ".opt.pt")  # a stale optimizer state must not be resumed with new weights
-    header = {"format": "pt", "stage": stage, "step": str(step)}
-    atomic_write(stem + ".safetensors", lambda p: save_file(tensors, p, metadata=header))
+    atomic_write(stem + ".safetensors", lambda p: save_file(tensors, p, metadata=weights_header(stage, step, model_config)))
     meta = {"config": _jsonable(config), "model": _jsonable(model_config), "stage": stage, "step": step,
             "parent": parent, "command": " ".join(sys.argv), "dtype": str(dtype or "as trained")}
     for k, v in (extra or {}).items():
@@ -374,6 +410,14 @@ def save_checkpoint(stem, state_dict, *, config, stage, step, parent=None, model
         meta[k] = _jsonable(v)
     atomic_write(stem + ".json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     return stem
+
+def weights_header(stage, step, model_config):
+    """The metadata inside every weights file we write: the model config travels with the weights, so
+    a .safetensors (or .pt) copied without its JSON still loads as the model it was."""
+    header = {"format": "pt", "stage": str(stage), "step": str(step)}
+    if model_config is not None:
+        header["model"] = json.dumps(_jsonable(model_config))
+    return header
 
 def load_checkpoint(path, device="cpu", load_opt=True):
     """Read x / x.safetensors / x.json -> dict(state, ema (None if absent), meta, opt (None if absent)).
@@ -433,18 +477,28 @@ def restore_training_state(ckpt, optimizer, rank=0):
     return opt["step"]
 
 def resume(stem, model, ema=None, optimizer=None, rank=0):
-    """--resume: load weights, EMA, optimizer and RNG from stem if it exists; returns the step (0 if none)."""
+    """--resume: load weights, EMA, optimizer and RNG from stem if it exists; returns the step (0 if none).
+    Anything that would make the continuation inexact (another model config, missing optimizer state)
+    stops the run with one line instead."""
     if not os.path.exists(stem_of(stem) + ".json"):
         log(f"nothing to resume at {stem}; starting fresh")
         return 0
     ck = or_die(load_checkpoint, stem)
-    try:
-        unwrap(model).load_state_dict(ck["state"])
-        if ema is not None:
-            ema.load_state_dict(ck["ema"] or ck["state"])
-    except RuntimeError as e:
-        die(f"{stem}: checkpoint does not fit this model ({str(e).splitlines()[0]})")
-    step = restore_training_state(ck, optimizer, rank) if optimizer is not None and ck["opt"] else ck["meta"]["step"]
+    saved, now = ck["meta"].get("model") or {}, _jsonable(getattr(unwrap(model), "cfg", None)) or {}
+    changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in saved if k in now and saved[k] != now[k]]
+    if changed:
+        die(f"{stem} was trained with another model config: {', '.join(changed)}; resume with the same flags")
+    own = unwrap(model).state_dict()
+    missing, unexpected = [k for k in own if k not in ck["state"]], [k for k in ck["state"] if k not in own]
+    if missing or unexpected:
+        die(f"{stem}: checkpoint does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    unwrap(model).load_state_dict(ck["state"])
+    if ema is not None:
+        ema.load_state_dict(ck["ema"] or ck["state"])
+    if optimizer is not None and ck["opt"] is None:
+        die(f"cannot resume {stem} exactly: {stem_of(stem)}.opt.pt (optimizer and RNG state) is missing; "
+            f"--overwrite starts the run over")
+    step = restore_training_state(ck, optimizer, rank) if optimizer is not None else ck["meta"]["step"]
     log(f"resumed {stem} at step {step}")
     return step
 
@@ -461,15 +515,23 @@ def setup_training(cfg, net, stem, rank, world, local_rank, device):
 
 def ship(src, dst, dtype="fp16"):
     """Copy a trained checkpoint's EMA weights (or raw if none) as a small fp16 file, keeping its JSON
-    (the training command included) and noting where it came from. For assets/ (kept under 5 MB)."""
+    (the training command included) and noting where it came from. For assets/ (kept under 5 MB).
+
+    dst ending in .pt writes one torch file instead, {"generator_ema": weights, "model_config": ...,
+    "stage": ..., "step": ...} (the CausVid / Self-Forcing layout, plus the config), so that
+    `torchrun train_ar.py --ckpt=bidir.pt` loads the model it was."""
     ck = load_checkpoint(src, load_opt=False)
-    dst = stem_of(dst)
-    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     tensors = _prepare(ck["ema"] or ck["state"], dt)
-    header = {"format": "pt", "stage": ck["meta"]["stage"], "step": str(ck["meta"]["step"])}
-    atomic_write(dst + ".safetensors", lambda p: save_file(tensors, p, metadata=header))
     meta = {**ck["meta"], "dtype": dtype, "weights": "ema" if ck["ema"] else "raw", "shipped_from": stem_of(src)}
+    os.makedirs(os.path.dirname(str(dst)) or ".", exist_ok=True)
+    if str(dst).endswith(".pt"):
+        obj = {"generator_ema": tensors, "model_config": meta["model"], "stage": meta["stage"], "step": meta["step"]}
+        atomic_write(str(dst), lambda p: torch.save(obj, p))
+        return str(dst)
+    dst = stem_of(dst)
+    header = weights_header(meta["stage"], meta["step"], meta["model"])
+    atomic_write(dst + ".safetensors", lambda p: save_file(tensors, p, metadata=header))
     atomic_write(dst + ".json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     return dst
 
@@ -575,3 +637,14 @@ def end_of_step(cfg, step, bar, t0, scalars, saves):
     if last:
         bar.close()
     return step % cfg.eval_every == 0 or step == cfg.max_steps
+
+
+if __name__ == "__main__":  # python common.py ship out/bidir bidir.pt: a small copy to share or to load elsewhere
+    args = sys.argv[1:]
+    dtype = next((a.split("=", 1)[1] for a in args if a.startswith("--dtype=")), "fp16")
+    paths = [a for a in args[1:] if not a.startswith("--dtype=")]
+    if args[:1] != ["ship"] or len(paths) != 2 or dtype not in ("fp16", "bf16", "fp32"):
+        die("usage: python common.py ship SRC DST [--dtype=fp16|bf16|fp32]  (SRC a checkpoint such as out/bidir; "
+            "DST a stem, or a .pt file)")
+    check_file(stem_of(paths[0]) + ".json", "checkpoint")
+    print(or_die(ship, paths[0], paths[1], dtype))

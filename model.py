@@ -704,17 +704,23 @@ def diffusers_to_wan(sd):
 
 
 def _read_safetensors(path):
-    from safetensors.torch import load_file
+    """-> (tensors, the file's metadata dict)."""
+    from safetensors import safe_open
     try:
-        return load_file(path)
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:  # truncated / corrupt / not a safetensors file
         raise ValueError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0]})") from None
 
 
 def _read_weights(path):
-    """-> (state dict in whatever layout the file has, config dict or None, config kind)."""
+    """-> (state dict in whatever layout the file has, config, kind). kind "minwm": config is a
+    ModelConfig dict (from the weights' own metadata, a .pt's "model_config", or NAME.json beside
+    them); "folder" / "file" / "pt": foreign weights, config a diffusers / Wan config.json or None."""
     if not os.path.exists(path) and os.path.exists(path + ".safetensors"):  # a minWM stem: out/bidir
         path += ".safetensors"
+    if path.endswith(".json") and os.path.exists(path[:-5] + ".safetensors"):  # named by its JSON
+        path = path[:-5] + ".safetensors"
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such file or folder")
     if os.path.isdir(path):
@@ -725,58 +731,85 @@ def _read_weights(path):
             weight_map = json.load(open(os.path.join(path, index[0])))["weight_map"]
             sd = {}
             for shard in sorted(set(weight_map.values())):
-                sd.update(_read_safetensors(os.path.join(path, shard)))
+                sd.update(_read_safetensors(os.path.join(path, shard))[0])
         else:
             files = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
             if not files:
                 raise ValueError(f"{path}: folder holds no .safetensors weights")
             if len(files) > 1:
                 raise ValueError(f"{path}: several .safetensors files but no *.safetensors.index.json: {files}")
-            sd = _read_safetensors(os.path.join(path, files[0]))
+            sd = _read_safetensors(os.path.join(path, files[0]))[0]
         return sd, cfg, "folder"
-    if path.endswith(".json"):  # a minWM checkpoint named by its JSON
-        path = path[:-5] + ".safetensors"
     if path.endswith((".pt", ".pth", ".bin")):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({str(e).splitlines()[0]})") from None
+        except Exception as e:  # a pickle that needs code to run is refused here, never executed
+            raise ValueError(f"{path}: not a plain tensor file: torch.load(weights_only=True) refused it "
+                             f"({str(e).splitlines()[0][:120]})") from None
+        config = obj.get("model_config") if isinstance(obj, dict) else None
         for key in ("generator_ema", "generator", "model", "state_dict", "module"):
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}: holds no state dict")
-        return obj, None, "pt"
-    sd = _read_safetensors(path)
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ValueError(f"{path}: holds no state dict of tensors")
+        return (obj, config, "minwm") if isinstance(config, dict) else (obj, None, "pt")
+    sd, header = _read_safetensors(path)
+    if "model" in header:  # written by minWM: the config travels inside the weights
+        return sd, json.loads(header["model"]), "minwm"
     meta_path = path[: -len(".safetensors")] + ".json"
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None
-    return sd, meta, "minwm" if meta and "model" in meta else "file"
+    return (sd, meta["model"], "minwm") if meta and isinstance(meta.get("model"), dict) else (sd, None, "file")
 
 
-def _config_from(sd, cfg_json, kind, overrides):
-    """ModelConfig from a minWM JSON, a diffusers / Wan config.json, or the tensor shapes."""
+# Wan releases name no head count in their weights; their head size is 128 (1.3B: 1536 = 12 x 128, 14B: 40)
+WAN_HEADS = {1536: 12, 5120: 40}
+
+
+def _config_from(sd, cfg_json, kind, overrides, path):
+    """ModelConfig from a minWM config, a diffusers / Wan config.json, or the shapes of a Wan release.
+    What the weights cannot tell (the head count of an unknown size, inline PRoPE, which has no
+    parameters) is never guessed: the error says which flag supplies it."""
     names = {f.name for f in fields(ModelConfig)}
     if kind == "minwm":
-        return ModelConfig(**{**{k: v for k, v in cfg_json["model"].items() if k in names}, **overrides})
+        return ModelConfig(**{**{k: v for k, v in cfg_json.items() if k in names}, **overrides})
     pw = sd["patch_embedding.weight"]  # (dim, in, pt, ph, pw)
     dim, in_ch, patch = pw.shape[0], pw.shape[1], tuple(pw.shape[2:])
     out_ch = sd["head.head.weight"].shape[0] // math.prod(patch)
-    heads = None
+    heads = overrides.pop("num_heads", None)
     if cfg_json and "num_attention_heads" in cfg_json:  # diffusers config.json
         if cfg_json.get("added_kv_proj_dim") or cfg_json.get("image_dim"):
             raise ValueError("Wan I2V checkpoints (image cross-attention) are not supported; use a T2V model")
-        heads = cfg_json["num_attention_heads"]
+        heads = heads or cfg_json["num_attention_heads"]
     elif cfg_json and "num_heads" in cfg_json:  # the original Wan release's config.json
-        heads = cfg_json["num_heads"]
-    heads = overrides.pop("num_heads", None) or heads or max(1, dim // 128)  # Wan's head_dim is 128
-    cfg = dict(dim=dim, ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0], num_heads=heads,
+        heads = heads or cfg_json["num_heads"]
+    image_cond = in_ch == 2 * out_ch + 1
+    has_branch = any("prope" in k for k in sd)
+    if heads is None and (dim not in WAN_HEADS or image_cond):
+        raise ValueError(f"{path}: the weights carry no model config, and they are not a Wan release whose "
+                         f"config the shapes give (dim {dim}, {in_ch} input channels): the head count and the "
+                         f"PRoPE placement are unknown. Give the config with --model_config=FILE.json (the "
+                         f"checkpoint's NAME.json, or ModelConfig fields), or load a minWM checkpoint")
+    cfg = dict(dim=dim, ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0], num_heads=heads or WAN_HEADS[dim],
                num_layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
                in_channels=in_ch, out_channels=out_ch, patch_size=patch,
                text_dim=sd["text_embedding.0.weight"].shape[1], freq_dim=sd["time_embedding.0.weight"].shape[1],
-               cross_attn_norm="blocks.0.norm3.weight" in sd, image_cond=in_ch == 2 * out_ch + 1,
-               prope="branch" if any("prope" in k for k in sd) else "none", eps=(cfg_json or {}).get("eps", 1e-6))
+               cross_attn_norm="blocks.0.norm3.weight" in sd, image_cond=image_cond,
+               prope="branch" if has_branch else "none", eps=(cfg_json or {}).get("eps", 1e-6))
     return ModelConfig(**{**cfg, **overrides})
+
+
+def read_model_config(path):
+    """A --model_config file: a minWM checkpoint's JSON (its "model") or a JSON object of ModelConfig fields."""
+    try:
+        doc = json.loads(open(path).read())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({' '.join(str(e).split())[:120]})") from None
+    doc = doc.get("model", doc) if isinstance(doc, dict) else None
+    names = {f.name for f in fields(ModelConfig)}
+    if not isinstance(doc, dict) or not doc or not set(doc) <= names:
+        raise ValueError(f"{path}: not a model config (a checkpoint's JSON, or an object of: {', '.join(sorted(names))})")
+    return doc
 
 
 def load_state(model, sd, source="checkpoint", allow_missing=()):
@@ -795,16 +828,20 @@ def load_state(model, sd, source="checkpoint", allow_missing=()):
     return model
 
 
-def load_pretrained(path, use_ema=True, device="cpu", **overrides):
+def load_pretrained(path, use_ema=True, device="cpu", model_config=None, **overrides):
     """Load a DiT from any supported checkpoint; returns the model (with .cfg).
 
     path: a .safetensors file (Wan original or diffusers names; a minWM checkpoint when NAME.json sits
     beside it), a folder (diffusers `save_pretrained` with config.json, or shards with a
     *.safetensors.index.json), or a CausVid / Self-Forcing / Causal-Forcing .pt (generator_ema or
-    generator; read with weights_only=True). overrides: ModelConfig fields, e.g. prope="branch" to add a
-    zero-initialized PRoPE branch to a base model, or num_heads for a headless original-layout file.
+    generator; read with weights_only=True). The model config comes from the weights themselves (minWM
+    writes it into every file), NAME.json beside them, a diffusers config.json, or the shapes of a Wan
+    release; model_config (a --model_config JSON file) supplies it for weights that carry none.
+    overrides: ModelConfig fields, e.g. prope="branch" to add a zero-initialized PRoPE branch to a base model.
     """
     sd, cfg_json, kind = _read_weights(str(path))
+    if model_config and kind != "minwm":
+        cfg_json, kind = read_model_config(model_config), "minwm"
     if use_ema and any(k.startswith("ema.") for k in sd):
         sd = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}
     else:
@@ -820,7 +857,7 @@ def load_pretrained(path, use_ema=True, device="cpu", **overrides):
                 raise ValueError(f"{path}: this is {what}, not a Wan-layout DiT")
         raise ValueError(f"{path}: not a Wan-layout DiT (no blocks.0.self_attn.q.weight; first keys: "
                          f"{', '.join(list(sd)[:3])})")
-    cfg = _config_from(sd, cfg_json, kind, dict(overrides))
+    cfg = _config_from(sd, cfg_json, kind, dict(overrides), path)
     model = DiT(cfg)
     new_branch = cfg.prope == "branch" and not any("prope" in k for k in sd)
     load_state(model, sd, str(path), allow_missing=("prope",) if new_branch else ())

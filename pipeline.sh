@@ -7,15 +7,18 @@
 #   bash pipeline.sh --quick         every stage at smoke size (minutes)
 #   bash pipeline.sh --from=ar       start at a stage, taking the earlier stages' checkpoints from assets/
 #   bash pipeline.sh --ship          also copy each trained checkpoint (EMA, fp16) into assets/
+#   bash pipeline.sh --overwrite     start over in an out_dir that holds checkpoints (else each stage refuses)
+#   bash pipeline.sh --resume        continue the stages from their last saves
 # Outputs go to --out_dir (default out/, out_quick/ with --quick); the results table to OUT/results.md.
 set -euo pipefail
 cd "$(dirname "$0")"
-QUICK="" OUT="" FROM=bidir DISTILL=ode SHIP=""
+QUICK="" OUT="" FROM=bidir DISTILL=ode SHIP="" AGAIN=""
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=--quick ;;
     --cd) DISTILL=cd ;;
     --ship) SHIP=1 ;;
+    --overwrite|--resume) AGAIN="$arg" ;;
     --from=*) FROM="${arg#--from=}" ;;
     --out_dir=*) OUT="${arg#--out_dir=}" ;;
     *) echo "error: unknown option $arg (see the header of pipeline.sh)" >&2; exit 2 ;;
@@ -39,9 +42,9 @@ for stage in "${STAGES[@]}"; do
     ode|cd) args=(--ckpt="$(ckpt ar)") ;;
     dmd) args=(--ckpt="$(ckpt "$DISTILL")" --teacher="$(ckpt bidir)") ;;
   esac
-  echo "== $stage: python train_$stage.py ${args[*]} $QUICK --out_dir=$OUT"
-  python "train_$stage.py" "${args[@]}" $QUICK --out_dir="$OUT"
-  if [ -n "$SHIP" ]; then python -c "import common, sys; common.ship(sys.argv[1], sys.argv[2])" "$OUT/$stage" "assets/$stage"; fi
+  echo "== $stage: python train_$stage.py ${args[*]} $QUICK $AGAIN --out_dir=$OUT"
+  python "train_$stage.py" "${args[@]}" $QUICK $AGAIN --out_dir="$OUT"
+  if [ -n "$SHIP" ]; then python common.py ship "$OUT/$stage" "assets/$stage"; fi
 done
 
 echo "== infer"

@@ -40,7 +40,7 @@ QUICK = {**common.QUICK, "sample_steps": 3}
 def main():
     cfg = common.parse_config(Config, quick=QUICK)
     rank, local_rank, world, device, stem = common.start(cfg)
-    net = common.or_die(M.load_pretrained, cfg.ckpt, chunk=cfg.chunk).to(device)
+    net = common.or_die(M.load_pretrained, cfg.ckpt, model_config=cfg.model_config, chunk=cfg.chunk).to(device)
     if cfg.frames % cfg.chunk:
         common.die(f"--frames={cfg.frames} is not a multiple of --chunk={cfg.chunk}")
     codec, source = data.training_source(cfg, net.cfg)

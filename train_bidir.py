@@ -53,7 +53,7 @@ def main():
     if cfg.init:  # base weights (+ zero-init PRoPE branch, + zero-init image-condition channels)
         common.check_file(cfg.init, "--init checkpoint")
         branch = "branch" if cfg.prope == "inline" else cfg.prope  # inline PRoPE is for models trained from scratch
-        net = M.enable_image_cond(common.or_die(M.load_pretrained, cfg.init, prope=branch))
+        net = M.enable_image_cond(common.or_die(M.load_pretrained, cfg.init, model_config=cfg.model_config, prope=branch))
     else:
         net = M.DiT(M.make_config(cfg.preset, prope=cfg.prope))
     net.to(device)

@@ -53,7 +53,7 @@ def cd_target(teacher, target_net, x_t, sigma, sigma_next, text, cams, cond, x0_
 def main():
     cfg = common.parse_config(Config, quick=QUICK)
     rank, local_rank, world, device, stem = common.start(cfg)
-    teacher = common.frozen(common.or_die(M.load_pretrained, cfg.ckpt).to(device))
+    teacher = common.frozen(common.or_die(M.load_pretrained, cfg.ckpt, model_config=cfg.model_config).to(device))
     chunk = teacher.cfg.chunk
     codec, source = data.training_source(cfg, teacher.cfg)
     net = copy.deepcopy(teacher).train()  # the student starts as the teacher

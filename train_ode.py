@@ -127,7 +127,7 @@ def ode_loss(model, x_t, sigma, x_ode, x0, text, cams):
 def main():
     cfg = common.parse_config(Config, quick=QUICK)
     rank, local_rank, world, device, stem = common.start(cfg)
-    teacher = common.frozen(common.or_die(M.load_pretrained, cfg.ckpt).to(device))
+    teacher = common.frozen(common.or_die(M.load_pretrained, cfg.ckpt, model_config=cfg.model_config).to(device))
     codec, source = data.training_source(cfg, teacher.cfg)
     pairs_dir = cfg.pairs_dir or os.path.join(cfg.out_dir, "ode_pairs")
     t0 = time.time()
