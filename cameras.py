@@ -111,8 +111,9 @@ def mirror_cameras(cameras):
     return Cameras(M @ cameras.w2c @ M, cameras.K.clone())
 
 
-def parse_actions(actions):
-    """"w*2,dl" -> ["w", "w", "dl"]: the letters acting in each step."""
+def parse_actions(actions, max_steps=None):
+    """"w*2,dl" -> ["w", "w", "dl"]: the letters acting in each step (at most max_steps, checked
+    before the list is built, so "w*999999999" from a browser costs nothing)."""
     if not actions.strip():
         raise ValueError('actions "": empty action string')
     steps = []
@@ -127,7 +128,10 @@ def parse_actions(actions):
                 raise ValueError(f"{where}: unknown action letter {ch!r} (known: {ACTIONS})")
         if star and not (count.isdigit() and int(count) > 0):
             raise ValueError(f"{where}: repeat count must be a positive integer, got {count!r}")
-        steps += [letters] * (int(count) if star else 1)
+        n_new = int(count) if star else 1
+        if max_steps is not None and len(steps) + n_new > max_steps:
+            raise ValueError(f'actions "{actions}": more than {max_steps} steps')
+        steps += [letters] * n_new
     return steps
 
 

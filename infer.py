@@ -108,6 +108,16 @@ def pitch0(cfg):
     return 0.0 if cfg.image else world.START_PITCH  # typed paths start from the procedural start pose
 
 
+def load_path(cfg, src):
+    """A camera file or an action string -> Cameras (1, F), at this config's step sizes and frame size."""
+    return cameras.load_cameras(src, cfg.trans_step, cfg.rot_step, cfg.width, cfg.height, pitch0=pitch0(cfg))
+
+
+def walker(cfg):
+    """Action steps -> cameras, chunk by chunk (--interactive, play.py): the same poses as load_path."""
+    return cameras.Walker(cfg.trans_step, cfg.rot_step, pitch0(cfg))
+
+
 def load_model(cfg, device):
     """The checkpoint (--ckpt or the shipped one) and its codec -> (net, codec, ckpt); a bad one dies in one line."""
     if cfg.sampler not in ("few", "euler"):
@@ -234,7 +244,7 @@ def main():
         common.die("give exactly one of --cameras FILE, --actions STRING or --interactive")
     net, codec, ckpt = load_model(cfg, device)
     chunk = net.cfg.chunk
-    load = lambda src: cameras.load_cameras(src, cfg.trans_step, cfg.rot_step, cfg.width, cfg.height, pitch0=pitch0(cfg))
+    load = lambda src: load_path(cfg, src)
     if cfg.cameras:
         common.check_file(cfg.cameras, "--cameras file")
     path = None if cfg.interactive else common.or_die(load, cfg.cameras or cfg.actions)  # Cameras (1, F)
@@ -245,7 +255,7 @@ def main():
         chunks = (path.frames(s, s + chunk) for s in range(0, path.num_frames, chunk))
         bar = common.progress(-(-path.num_frames // chunk), desc="chunks", unit="chunk")
     else:
-        walk = cameras.Walker(cfg.trans_step, cfg.rot_step, pitch0(cfg))
+        walk = walker(cfg)
         chunks, bar = (walk.cameras(steps, cfg.width, cfg.height) for steps in action_lines(chunk)), None
 
     # stream
