@@ -170,6 +170,8 @@ class StageConfig:
     stop_after: int = 0  # end this run after N steps as if interrupted (resume later with --resume)
     quick: bool = False  # smoke size for tests and CI
     device: str = ""  # "" = cuda if available, else cpu
+    grad_ckpt: bool = False  # activation checkpointing per block: long clips at scale fit in memory
+    compile: bool = False  # torch.compile the model that trains (CUDA)
 
 # the smoke size every stage's --quick starts from
 QUICK = dict(frames=4, height=16, width=16, batch_size=2, max_steps=6, warmup=2, eval_every=6, eval_clips=2,
@@ -453,7 +455,9 @@ def setup_training(cfg, net, stem, rank, world, local_rank, device):
     ema = frozen_copy(net)
     optimizer = adamw(net.parameters(), cfg)
     first_step = resume(stem, net, ema, optimizer, rank) if cfg.resume else 0
-    return ema, optimizer, first_step, ddp(net, world, local_rank, device)
+    net.grad_ckpt = cfg.grad_ckpt
+    model = ddp(net, world, local_rank, device)
+    return ema, optimizer, first_step, torch.compile(model) if cfg.compile else model
 
 def ship(src, dst, dtype="fp16"):
     """Copy a trained checkpoint's EMA weights (or raw if none) as a small fp16 file, keeping its JSON

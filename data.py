@@ -80,7 +80,8 @@ WAN_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 
 
 class PixelCodec:
-    """Parameter-free space-to-depth: each factor x factor patch becomes 3·factor² channels; exact."""
+    """Parameter-free space-to-depth: each factor x factor patch becomes 3·factor² channels; exact.
+    Frame by frame, so a streamed video decodes chunk by chunk as it is (`stream` returns the codec)."""
 
     def __init__(self, factor=2):
         self.factor, self.channels, self.spatial, self.temporal = factor, 3 * factor**2, factor, 1
@@ -96,6 +97,9 @@ class PixelCodec:
         f = self.factor
         x = latents.reshape(B, C // (f * f), f, f, T, h, w).permute(0, 1, 4, 5, 2, 6, 3)
         return x.reshape(B, C // (f * f), T, h * f, w * f)
+
+    def stream(self):
+        return self
 
 
 class WanVAECodec:
@@ -135,6 +139,37 @@ class WanVAECodec:
     def decode(self, latents):
         z = latents.float() * self.std + self.mean
         return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
+
+    def stream(self):
+        """A decoder for latents that arrive chunk by chunk (streaming): see WanStreamDecoder."""
+        return WanStreamDecoder(self)
+
+
+class WanStreamDecoder:
+    """Decode a streamed video chunk by chunk with Wan's causal decoder, keeping the cache of its
+    causal convolutions between chunks, so the frames equal the whole-clip decode (no seams where
+    chunks meet; decoding each chunk alone restarts the decoder as at frame 0).
+
+    diffusers' AutoencoderKLWan decodes a clip one latent frame at a time through that cache
+    (`_decode`); this keeps the cache alive across calls instead of clearing it per call.
+    """
+
+    def __init__(self, codec):
+        self.codec, self.vae = codec, codec.vae
+        self.cache = [None] * self.vae._cached_conv_counts["decoder"]  # one entry per causal conv
+        self.started = False
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """latents (B, C, f, h, w), the next f latent frames -> video (B, 3, T, H, W) in [-1, 1]."""
+        z = latents.float() * self.codec.std + self.codec.mean
+        x = self.vae.post_quant_conv(z.to(self.vae.dtype))
+        out = []
+        for i in range(x.shape[2]):
+            out.append(self.vae.decoder(x[:, :, i:i + 1], feat_cache=self.cache, feat_idx=[0],
+                                        first_chunk=not self.started))
+            self.started = True
+        return torch.cat(out, 2).float().clamp(-1, 1)
 
 
 # ----------------------------------------------------------------------------------------------

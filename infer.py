@@ -45,8 +45,8 @@ class StreamConfig:
     timesteps: tuple[int, ...] = (1000, 750, 500, 250)
     steps: int = 25
     shift: float = 1.0
-    sink: int = 1  # latent frames always kept in the cache
-    window: int = 8  # latent frames of recent context kept in the cache
+    sink: int = M.STREAM_SINK  # latent frames always kept in the cache
+    window: int = M.STREAM_WINDOW  # latent frames of recent context kept in the cache
     height: int = 32  # output pixels
     width: int = 32
     text_len: int = 16

@@ -19,10 +19,19 @@ measured the same way, each with its own sampler (`metric_fns`):
     python metric.py table OUT_DIR                  # the results table of every stage in OUT_DIR
     python metric.py plot OUT_DIR NAME              # the control metric along training (PNG)
     python metric.py compare OUT.png CKPT [CKPT...] # held-out frames: the truth, then each checkpoint
+    python metric.py long --ckpts=assets/ar,assets/dmd --frames=512   # long rollouts vs the exact truth
+
+The long-rollout metric asks "does the world hold together?": on long held-out paths
+(`world.long_heldout_path`: hundreds of latent frames wandering around the scene from its start pose),
+the model streams chunk by chunk from frame 0 alone, as infer.py does, and every frame is scored
+against the exact rendering: PSNR, mean-colour error and sharpness, by frame and by segment
+(LONG_SEGMENTS), beside a static copy of frame 0.
 """
+import dataclasses
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -188,6 +197,68 @@ def format_metric(m):
 
 
 # ----------------------------------------------------------------------------------------------
+# long rollouts: does the world hold together for hundreds of frames?
+
+LONG_SEGMENTS = ((1, 8), (8, 16), (16, 32), (32, 64), (64, 128), (128, 256), (256, 448), (448, 512))
+
+
+def long_clips(n, frames, height, width, text_dim, text_len, seed=0):
+    """n long held-out clips (world.long_heldout_path): the true video (n, 3, F, H, W), cameras, text."""
+    out = {"video": [], "w2c": [], "K": [], "text": []}
+    for i in range(n):
+        scene_seed, _, cams = world.long_heldout_path(i, frames, seed, width, height)
+        out["video"].append(world.render_world(scene_seed, cams, height, width))
+        out["w2c"].append(cams.w2c[0])
+        out["K"].append(cams.K[0])
+        out["text"].append(world.text_embedding(world.caption(scene_seed), text_dim, text_len))
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def frame_scores(video, truth):
+    """Per-frame scores of video vs truth (B, 3, F, H, W) in [-1, 1], averaged over the clips, each (F,):
+    psnr (dB); colour, the mean-colour error on a 0-1 scale (the largest difference of a channel's
+    frame mean: a world that keeps its colours scores near 0); sharp and sharp_true, image-gradient
+    energies (their ratio is the sharpness of metric.control_metric)."""
+    mse = (video - truth).pow(2).mean(dim=(1, 3, 4))  # (B, F)
+    colour = ((video.mean(dim=(3, 4)) - truth.mean(dim=(3, 4))).abs() / 2).amax(1)  # (B, F)
+    energy = lambda v: ((v[..., :, 1:] - v[..., :, :-1]).pow(2).mean(dim=(1, 3, 4))
+                        + (v[..., 1:, :] - v[..., :-1, :]).pow(2).mean(dim=(1, 3, 4)))
+    return dict(psnr=(10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean(0), colour=colour.mean(0),
+                sharp=energy(video).mean(0), sharp_true=energy(truth).mean(0))
+
+
+def segment_scores(scores):
+    """{"a-b": {psnr, colour, sharpness}} over LONG_SEGMENTS that fit in the scored frames."""
+    F_ = len(scores["psnr"])
+    return {f"{a}-{b - 1}": dict(psnr=scores["psnr"][a:b].mean().item(), colour=scores["colour"][a:b].mean().item(),
+                                 sharpness=(scores["sharp"][a:b].mean() / scores["sharp_true"][a:b].mean()).item())
+            for a, b in LONG_SEGMENTS if b <= F_}
+
+
+@torch.no_grad()
+def long_rollout_metric(sample, codec, clips, batch=8, seed=0, device="cpu"):
+    """Frame-by-frame scores of a long rollout against the exact rendering, and of a static copy of frame 0.
+
+    sample(noise, text, cameras, first) -> latents (B, C, F, h, w) (the model's streaming sampler).
+    Returns {"model": frame_scores, "static": frame_scores}, each averaged over the clips."""
+    generator = torch.Generator().manual_seed(seed)
+    parts = {"model": [], "static": []}
+    for i in range(0, clips["video"].shape[0], batch):
+        sl = slice(i, i + batch)
+        truth = clips["video"][sl].to(device)  # (B, 3, F, H, W)
+        x0 = codec.encode(truth[:, :, :1])  # only frame 0 is given
+        shape = (truth.shape[0], x0.shape[1], truth.shape[2], *x0.shape[-2:])
+        noise = torch.randn(shape, generator=generator).to(device)
+        video = codec.decode(sample(noise, clips["text"][sl].to(device), Cameras(clips["w2c"][sl], clips["K"][sl]).to(device),
+                                    x0[:, :, 0])).clamp(-1, 1)
+        n = truth.shape[0]
+        parts["model"].append({k: v * n for k, v in frame_scores(video, truth).items()})
+        parts["static"].append({k: v * n for k, v in frame_scores(truth[:, :, :1].expand_as(truth), truth).items()})
+    total = clips["video"].shape[0]
+    return {name: {k: sum(p[k] for p in ps) / total for k in ps[0]} for name, ps in parts.items()}
+
+
+# ----------------------------------------------------------------------------------------------
 # tables and pictures
 
 def results_table(out_dir, stages=("bidir", "ar", "ode", "cd", "dmd")):
@@ -273,6 +344,92 @@ def compare_samples(path, ckpts, clips=2, scale=3):
     img.save(path)
 
 
+@dataclass
+class LongConfig:
+    """python metric.py long --ckpts=A,B,...: the long-rollout measurement of each checkpoint."""
+    ckpts: str = "assets/ar,assets/ode,assets/cd,assets/dmd"  # comma-separated checkpoints
+    frames: int = 512  # latent frames per rollout
+    clips: int = 8  # long held-out scenes x paths
+    sink: int = M.STREAM_SINK  # the streaming cache, as infer.py's defaults
+    window: int = M.STREAM_WINDOW
+    steps: int = 25  # Euler steps per chunk for a Stage 1 ("ar") checkpoint; the others use their few steps
+    out: str = "out/long_rollout"  # writes OUT.png (curves), OUT.md (table by segment), OUT.json (per frame)
+    device: str = ""
+
+
+def long_report(cfg):
+    """Run long_rollout_metric on every checkpoint of cfg.ckpts; write the table, the curves and the numbers."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    results, static = {}, None
+    for path in [p for p in cfg.ckpts.split(",") if p]:
+        net = common.or_die(M.load_pretrained, path).to(device).eval()
+        trained = common.StageConfig(**{k: v for k, v in common.or_die(common.load_checkpoint, path, load_opt=False)[
+            "meta"].get("config", {}).items() if k in ("height", "width", "text_len")})
+        stage = json.load(open(common.stem_of(path) + ".json")).get("stage")
+        sigmas = M.euler_sigmas(cfg.steps) if stage == "ar" else M.few_step_sigmas(M.FEW_STEP_TIMESTEPS)
+
+        def sample(noise, text, cams, first):
+            return M.sample_ar(net, noise, text, cams, M.image_cond(first, noise.shape[2]), sigmas,
+                               renoise=stage != "ar", sink=cfg.sink, window=cfg.window,
+                               generator=torch.Generator(noise.device).manual_seed(0))
+        clips = long_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len)
+        r = long_rollout_metric(sample, data.PixelCodec(2), clips, device=device)
+        results[Path(path).name], static = r["model"], r["static"]
+        common.log(f"{path}: " + " | ".join(f"{k} {v['psnr']:.1f} dB {v['colour']:.3f} {v['sharpness']:.2f}"
+                                            for k, v in segment_scores(r["model"]).items()))
+    results["static copy of frame 0"] = static
+    table = long_table(results)
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    common.atomic_write(cfg.out + ".md", lambda p: Path(p).write_text(table + "\n"))
+    per_frame = {name: {k: v.tolist() for k, v in s.items()} for name, s in results.items()}
+    common.atomic_write(cfg.out + ".json", lambda p: Path(p).write_text(json.dumps(
+        dict(settings=dataclasses.asdict(cfg), per_frame=per_frame))))
+    plot_long(results, cfg.out + ".png")
+    print(table)
+
+
+def long_table(results):
+    """Markdown: one row per model, one column per segment, cells "PSNR dB / colour error / sharpness"."""
+    segments = list(segment_scores(next(iter(results.values()))))
+    rows = ["| model | " + " | ".join(f"frames {s}" for s in segments) + " |", "| --- |" + " --- |" * len(segments)]
+    for name, scores in results.items():
+        cells = [f"{v['psnr']:.1f} / {v['colour']:.3f} / {v['sharpness']:.2f}" for v in segment_scores(scores).values()]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_long(results, path, width=720, panel=150, smooth=8):
+    """PNG: PSNR, mean-colour error and sharpness (vs the truth) along the rollout, one line per model;
+    the goal lines: colour error 0.05, sharpness 0.5 and 2."""
+    from PIL import Image, ImageDraw
+    colours = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (150, 60, 170), (230, 140, 30), (20, 160, 160)]
+    L, T = 60, 20
+    img = Image.new("RGB", (width, 3 * (panel + T) + 30), "white")
+    d = ImageDraw.Draw(img)
+    mean = lambda x: torch.nn.functional.avg_pool1d(x[None, None].float(), smooth, 1, smooth // 2,
+                                                    count_include_pad=False)[0, 0, :len(x)]
+    curves = {name: dict(psnr=mean(s["psnr"][1:]), colour=mean(s["colour"][1:]),
+                         sharpness=mean(s["sharp"][1:]) / mean(s["sharp_true"][1:])) for name, s in results.items()}
+    F_ = len(next(iter(curves.values()))["psnr"])
+    for p, (key, lo, hi, goals) in enumerate((("psnr", 5, 30, ()), ("colour", 0, 0.25, (0.05,)),
+                                              ("sharpness", 0, 2.5, (0.5, 2.0)))):
+        top = T + p * (panel + T)
+        xy = lambda f, v: (L + (width - L - 10) * f / max(F_ - 1, 1), top + panel - panel * (min(max(v, lo), hi) - lo) / (hi - lo))
+        d.rectangle([L, top, width - 10, top + panel], outline=(180, 180, 180))
+        d.text((4, top), key, fill=(0, 0, 0))
+        d.text((4, top + panel - 10), f"{lo:g}", fill=(90, 90, 90))
+        d.text((4, top + 12), f"{hi:g}", fill=(90, 90, 90))
+        for g in goals:
+            d.line([xy(0, g), xy(F_ - 1, g)], fill=(200, 200, 200))
+        for i, (name, c) in enumerate(curves.items()):
+            col = (120, 120, 120) if name.startswith("static") else colours[i % len(colours)]
+            d.line([xy(f, v) for f, v in enumerate(c[key].tolist())], fill=col, width=2)
+            if p == 0:
+                d.text((L + 8 + 130 * i, 4), name, fill=col)
+    d.text((L, 3 * (panel + T) + 8), f"frames 1 .. {F_} (moving mean over {smooth})", fill=(0, 0, 0))
+    img.save(path)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "table":
         print(results_table(sys.argv[2]))
@@ -280,6 +437,8 @@ if __name__ == "__main__":
         plot_control(sys.argv[2], sys.argv[3])
     elif len(sys.argv) >= 4 and sys.argv[1] == "compare":
         compare_samples(sys.argv[2], sys.argv[3:])
+    elif len(sys.argv) >= 2 and sys.argv[1] == "long":
+        long_report(common.parse_config(LongConfig, sys.argv[2:]))
     else:
         common.die("usage: python metric.py table OUT_DIR | python metric.py plot OUT_DIR NAME | "
-                   "python metric.py compare OUT.png CKPT [CKPT ...]")
+                   "python metric.py compare OUT.png CKPT [CKPT ...] | python metric.py long [--ckpts=A,B ...]")

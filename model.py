@@ -14,6 +14,7 @@ Read top to bottom:
 Parameter names follow the ORIGINAL Wan layout (`blocks.0.self_attn.q.weight`), so Wan, CausVid,
 Self-Forcing and minWM checkpoints load without renaming; diffusers names are converted on load.
 """
+import functools
 import json
 import math
 import os
@@ -23,6 +24,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.utils.checkpoint import checkpoint
 
 import prope
 
@@ -139,16 +142,18 @@ def layer_norm(x, eps, weight=None, bias=None):
 
 
 def modulate(x, shift, scale, frames):
-    """x (B, N, D) with N = frames * tokens; shift/scale (B, Ft, D) with Ft = 1 or frames."""
+    """x (B, N, D) with N = frames * tokens; shift/scale (B, Ft, D) with Ft = 1 or frames, in fp32.
+    Computed in fp32 (as Wan does), returned in x's dtype for the next (maybe bf16) linear layer."""
     B, N, D = x.shape
     Ft = shift.shape[1]
-    y = x.view(B, Ft, N // Ft, D) * (1 + scale[:, :, None]) + shift[:, :, None]
-    return y.view(B, N, D)
+    y = x.view(B, Ft, N // Ft, D).float() * (1 + scale[:, :, None]) + shift[:, :, None]
+    return y.view(B, N, D).to(x.dtype)
 
 
-def gate(x, g):
-    B, N, D = x.shape
-    return (x.view(B, g.shape[1], -1, D) * g[:, :, None]).view(B, N, D)
+def gated_residual(x, y, g):
+    """x + y * g in fp32, back in the residual stream's dtype; y (B, N, D), g (B, Ft, D)."""
+    B, N, D = y.shape
+    return (x.float() + (y.float().view(B, g.shape[1], -1, D) * g[:, :, None]).view(B, N, D)).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,77 +161,126 @@ def gate(x, g):
 
 
 def attention(q, k, v, mask=None):
-    """q (B, H, Nq, D), k/v (B, H, Nk, D); mask: bool (Nq, Nk) or (1, Nk), True = may attend."""
+    """q (B, H, Nq, D), k/v (B, H, Nk, D); mask: None, a bool (Nq, Nk) tensor (True = may attend), or
+    a flex_attention BlockMask (teacher forcing at scale: only the blocks that attend are computed)."""
+    if isinstance(mask, BlockMask):
+        return _flex_attention(q, k, v, block_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def teacher_forcing_mask(frames, chunk, tokens_per_frame, device=None):
+def _flex_attention(q, k, v, block_mask):
+    # compiled on CUDA (the fused kernel); eager elsewhere (the CPU test path: correct, slow)
+    global _FLEX
+    if q.is_cuda and _FLEX is flex_attention:
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return (_FLEX if q.is_cuda else flex_attention)(q, k, v, block_mask=block_mask)
+
+
+_FLEX = flex_attention
+
+
+def teacher_forcing_mask(frames, chunk, tokens_per_frame, device=None, sink=0, window=None):
     """Block-causal mask over [clean (frames) | noisy (frames)] tokens (Stage 1, teacher forcing).
 
     A clean token in chunk i sees clean chunks <= i; a noisy token in chunk i sees clean chunks < i
-    and its own noisy chunk. Returns bool (2N, 2N), N = frames * tokens_per_frame.
+    and its own noisy chunk. With a window, earlier frames are seen only if they are among the
+    `window` frames before chunk i or among the first `sink` frames: exactly what a rollout through
+    KVCache(sink, window) attends to. Returns bool (2N, 2N), N = frames * tokens_per_frame.
     """
-    c = torch.arange(frames, device=device) // chunk  # chunk id of each frame
+    f = torch.arange(frames, device=device)
+    c = f // chunk  # chunk id of each frame
     qi, kj = c[:, None], c[None, :]
-    clean_clean = kj <= qi
-    noisy_clean = kj < qi
-    noisy_noisy = kj == qi
-    top = torch.cat([clean_clean, torch.zeros_like(clean_clean)], 1)
-    bottom = torch.cat([noisy_clean, noisy_noisy], 1)
+    before = kj < qi
+    if window is not None:  # earlier frames only within the window before the chunk's start, or sinks
+        before = before & ((f[None, :] >= c[:, None] * chunk - window) | (f[None, :] < sink))
+    same = kj == qi
+    top = torch.cat([before | same, torch.zeros_like(same)], 1)  # clean rows
+    bottom = torch.cat([before, same], 1)  # noisy rows
     m = torch.cat([top, bottom], 0)  # (2F, 2F) at frame level
     return m.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def teacher_forcing_block_mask(frames, chunk, tokens_per_frame, device, sink=0, window=None):
+    """teacher_forcing_mask as a flex_attention BlockMask, built once per shape: the dense (2N)^2 mask
+    of 21 Wan frames (65,520 tokens) would be 4 GB and the attention over it not fused."""
+    def mask_mod(b, h, q, k):
+        qf, kf = q // tokens_per_frame, k // tokens_per_frame  # frame in [0, 2 frames): clean, then noisy
+        q_noisy, k_noisy = qf >= frames, kf >= frames
+        qc, kf = (qf % frames) // chunk, kf % frames
+        kc = kf // chunk
+        before = kc < qc
+        if window is not None:
+            before = before & ((kf >= qc * chunk - window) | (kf < sink))
+        same = kc == qc
+        return (~q_noisy & ~k_noisy & (before | same)) | (q_noisy & ((~k_noisy & before) | (k_noisy & same)))
+    n = 2 * frames * tokens_per_frame
+    return create_block_mask(mask_mod, None, None, n, n, device=device)
 
 
 class KVCache:
     """Per-layer preallocated keys/values for a chunk-by-chunk rollout (attention mode 3, the rollout).
 
-    Slots, in frames: [sink | window (ring) | scratch (one chunk)]. The chunk being denoised writes
-    its K/V into the scratch slots on every step; the final t = 0 pass (`commit=True`) copies its
-    clean K/V into the sink or ring slots. Keys are stored after RoPE (absolute positions) and after
-    PRoPE, so nothing in the cache is recomputed. Memory stays flat however long the rollout.
+    Slots, in latent frames: [sink | window (a ring) | scratch (one chunk)]. Keys are stored after
+    RoPE (absolute positions) and after PRoPE, so nothing in the cache is recomputed, and the order
+    of keys in the buffer does not matter to attention. Frames are committed in order, so the filled
+    slots are always a prefix of [sink | window]; the chunk being denoised writes its K/V right after
+    that prefix (into the scratch once the ring is full) and attends to one contiguous view: the
+    filled prefix and itself. No mask, SDPA's fused path, and a cost that grows with what the cache
+    holds, not with its capacity. The final t = 0 pass (`commit=True`) makes the chunk context for
+    the next ones; once the ring is full its frames replace the oldest ones, after that pass has
+    attended to them (`advance`). Memory stays flat however long the rollout; no host-device sync.
     """
 
     def __init__(self, cfg, batch, tokens_per_frame, sink=1, window=64, chunk=None, device=None, dtype=torch.float32):
         self.tpf, self.sink, self.window, self.chunk = tokens_per_frame, sink, window, chunk or cfg.chunk
         self.slots = sink + window + self.chunk  # in frames
-        S = self.slots * tokens_per_frame
-        shape = (batch, cfg.num_heads, S, cfg.head_dim)
+        shape = (batch, cfg.num_heads, self.slots * tokens_per_frame, cfg.head_dim)
         n = 4 if cfg.prope == "branch" else 2  # k, v (+ k, v of the PRoPE branch)
         self.kv = [[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)] for _ in range(cfg.num_layers)]
-        self.valid = torch.zeros(S, dtype=torch.bool, device=device)
+        self.text = [None] * cfg.num_layers  # (context, (k, v)) of each layer's cross-attention (DiT.text_kv)
+        self.filled = 0  # frames in the [sink | window] prefix
         self.frames_written = 0  # absolute index of the next frame to commit
+        self.at = 0  # the slot (frame) where the chunk of the current forward sits
+
+    def reset(self):
+        """Empty the cache for a new rollout, keeping its memory."""
+        self.text = [None] * len(self.text)
+        self.filled = self.frames_written = self.at = 0
 
     def slot_of(self, frame):
         return frame if frame < self.sink else self.sink + (frame - self.sink) % self.window
 
     def attend(self, layer, new, n_frames, commit):
-        """Write the chunk's tensors into the scratch slots; return views over the whole buffer and the mask."""
-        bufs = self.kv[layer]
-        n = n_frames * self.tpf
-        s0 = (self.sink + self.window) * self.tpf
+        """Put the chunk's tensors `new` (each (B, H, n_frames * tpf, D)) after the filled prefix;
+        return [(B, H, S, D)] over the prefix and the chunk, and the mask (always None)."""
+        bufs, held = self.kv[layer], self.filled * self.tpf
         if torch.is_grad_enabled() and new[0].requires_grad:
             # a forward that trains (DMD's exit step): concatenate instead of writing in place, since
             # later in-place cache writes would invalidate tensors autograd saved for the backward
             if commit:
                 raise ValueError("KVCache: commit the clean chunk under torch.no_grad()")
-            mask = torch.cat([self.valid[:s0], self.valid.new_ones(n)])
-            return [torch.cat([buf[:, :, :s0], x], 2) for buf, x in zip(bufs, new)], \
-                (None if bool(mask.all()) else mask[None])
+            return [torch.cat([buf[:, :, :held], x], 2) for buf, x in zip(bufs, new)], None
+        # while the ring has room the chunk sits in its own slots for good; otherwise in the scratch
+        self.at = self.filled if self.filled + n_frames <= self.sink + self.window else self.sink + self.window
+        s, n = self.at * self.tpf, n_frames * self.tpf
         for buf, x in zip(bufs, new):
-            buf[:, :, s0:s0 + n] = x
-        mask = self.valid.clone()
-        mask[s0:s0 + n] = True
-        if commit:  # the clean pass: this chunk becomes context for the next ones
-            for f in range(n_frames):
-                s = self.slot_of(self.frames_written + f) * self.tpf
-                for buf, x in zip(bufs, new):
-                    buf[:, :, s:s + self.tpf] = x[:, :, f * self.tpf:(f + 1) * self.tpf]
-        return bufs, (None if bool(mask.all()) else mask[None])
+            buf[:, :, s:s + n] = x
+        if self.at != self.filled:  # the one chunk overflowing a ring not yet full: prefix and chunk apart
+            return [torch.cat([buf[:, :, :held], x], 2) for buf, x in zip(bufs, new)], None
+        return [buf[:, :, :s + n] for buf in bufs], None
 
     def advance(self, n_frames):
+        """After a commit pass: the chunk's frames become context (copied from where they sat into
+        their ring slots, evicting the oldest frames of a full ring)."""
         for f in range(n_frames):
-            s = self.slot_of(self.frames_written + f) * self.tpf
-            self.valid[s:s + self.tpf] = True
+            slot = self.slot_of(self.frames_written + f)
+            if slot != self.at + f:
+                s, src = slot * self.tpf, (self.at + f) * self.tpf
+                for bufs in self.kv:
+                    for buf in bufs:
+                        buf[:, :, s:s + self.tpf] = buf[:, :, src:src + self.tpf]
+        self.filled = min(self.filled + n_frames, self.sink + self.window)
         self.frames_written += n_frames
 
 
@@ -286,12 +340,15 @@ class CrossAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.norm_q, self.norm_k = nn.RMSNorm(d, eps=cfg.eps), nn.RMSNorm(d, eps=cfg.eps)
 
-    def forward(self, x, context):  # x (B, N, dim), context (B, L, dim)
+    def text_kv(self, context):
+        """context (B, L, dim) -> k, v (B, H, L, head_dim): the same for every chunk and step of a rollout."""
+        split = lambda t: t.view(t.shape[0], t.shape[1], self.H, -1).transpose(1, 2)
+        return split(self.norm_k(self.k(context))), split(self.v(context))
+
+    def forward(self, x, kv):  # x (B, N, dim), kv from text_kv
         B, N, d = x.shape
-        split = lambda t: t.view(B, t.shape[1], self.H, -1).transpose(1, 2)
-        q = split(self.norm_q(self.q(x)))
-        k, v = split(self.norm_k(self.k(context))), split(self.v(context))
-        return self.o(attention(q, k, v).transpose(1, 2).reshape(B, N, d))
+        q = self.norm_q(self.q(x)).view(B, N, self.H, -1).transpose(1, 2)
+        return self.o(attention(q, *kv).transpose(1, 2).reshape(B, N, d))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,17 +366,17 @@ class Block(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
 
-    def forward(self, x, e, context, pos, layer):
-        # x (B, N, dim); e (B, Ft, 6, dim) from the time projection; context (B, L, dim)
+    def forward(self, x, e, text_kv, pos, layer):
+        # x (B, N, dim); e (B, Ft, 6, dim) from the time projection; text_kv: this layer's text k, v
         shift, scale, g, c_shift, c_scale, c_g = (self.modulation.float()[:, None] + e.float()).unbind(2)
         F_ = pos["n_frames"]
         y = self.self_attn(modulate(layer_norm(x, self.eps), shift, scale, F_), pos, layer)
-        x = x + gate(y, g)
+        x = gated_residual(x, y, g)
         n3 = self.norm3
         xn = layer_norm(x, self.eps, n3.weight, n3.bias) if isinstance(n3, nn.LayerNorm) else x
-        x = x + self.cross_attn(xn, context)
+        x = x + self.cross_attn(xn, text_kv)
         y = self.ffn(modulate(layer_norm(x, self.eps), c_shift, c_scale, F_))
-        return x + gate(y, c_g)
+        return gated_residual(x, y, c_g)
 
 
 class Head(nn.Module):
@@ -345,6 +402,8 @@ class DiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        self.grad_ckpt = False  # activation checkpointing per block while training (--grad_ckpt)
+        self.flex = None  # teacher forcing with a flex_attention BlockMask: None = on CUDA, else the dense mask
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -375,18 +434,20 @@ class DiT(nn.Module):
             if cond is None:
                 cond = x.new_zeros(x.shape[0], self.cfg.in_channels - x.shape[1], *x.shape[2:])
             x = torch.cat([x, cond.to(x.dtype)], 1)
-        return self.patch_embedding(x).flatten(2).transpose(1, 2)
+        return self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
 
     def forward(self, x, t, context, cameras=None, cond=None, *, clean=None, cache=None, commit=False,
-                frame_offset=0):
+                frame_offset=0, sink=0, window=None):
         """Predict the flow-matching velocity v = noise - x0 (same shape as x).
 
         x: (B, C, F, H, W) latents; t: (B,) or per-frame (B, F) on the 0..1000 scale;
         context: (B, L, text_dim) text embeddings (padding them is the caller's job);
         cameras: prope.Cameras of the F frames; cond: (B, in_channels - C, F, H, W) or None (zeros).
         Modes: default bidirectional; `clean=` (B, C, F, H, W) -> teacher forcing over [clean | x] with
-        the block-causal mask, returns the prediction for x; `cache=` a KVCache -> x is the chunk that
-        starts at absolute frame `frame_offset`, `commit=True` stores its K/V as context.
+        the block-causal mask (limited to `sink` + `window` earlier frames when window is given, as a
+        rollout through KVCache(sink, window) sees them), returns the prediction for x; `cache=` a
+        KVCache -> x is the chunk that starts at absolute frame `frame_offset`, `commit=True` stores
+        its K/V as context.
         """
         self._check(x, t, context, cameras, cond)
         cfg = self.cfg
@@ -406,26 +467,46 @@ class DiT(nn.Module):
             t = torch.cat([torch.zeros_like(t.expand(B, f)), t.expand(B, f)], 1)  # (B, 2f)
             frames = torch.cat([frames, frames])
             cams = None if cams is None else (torch.cat([cams[0]] * 2, 1), torch.cat([cams[1]] * 2, 1))
-            mask = teacher_forcing_mask(f, cfg.chunk // pt or 1, h * w, x.device)
+            flex = self.flex if self.flex is not None else x.is_cuda
+            mask = (teacher_forcing_block_mask if flex else teacher_forcing_mask)(f, cfg.chunk // pt or 1, h * w,
+                                                                                  x.device, sink, window)
             n_frames = 2 * f
         rd = cfg.head_dim - cfg.inline_prope_dim
         pos = dict(rope=rope_tables(rd, frames, h, w, cfg.rope_theta, x.device), cams=cams, mask=mask,
                    cache=cache, commit=commit, n_frames=n_frames)
-        temb = self.time_embedding(sinusoidal(t, cfg.freq_dim))  # (B, Ft, dim)
+        # the sinusoid is fp32 (timesteps up to 1000 need it); the embedding layers may be bf16
+        temb = self.time_embedding(sinusoidal(t, cfg.freq_dim).to(self.time_embedding[0].weight.dtype))  # (B, Ft, dim)
         e = self.time_projection(temb).unflatten(-1, (6, cfg.dim))  # (B, Ft, 6, dim)
-        ctx = self.text_embedding(context)  # (B, L, dim)
+        text_kv = self.text_kv(context, cache)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e, ctx, pos, i)
+            if self.grad_ckpt and torch.is_grad_enabled() and cache is None:  # recompute in the backward
+                tokens = checkpoint(block, tokens, e, text_kv[i], pos, i, use_reentrant=False)
+            else:
+                tokens = block(tokens, e, text_kv[i], pos, i)
         if cache is not None and commit:
             cache.advance(f)
         out = self.head(tokens, temb, n_frames)  # (B, N, C*pt*ph*pw)
         if clean is not None:
             out = out[:, out.shape[1] // 2:]
         out = out.view(B, f, h, w, pt, ph, pw, C).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return out.reshape(B, C, F_, H, W)
+        return out.reshape(B, C, F_, H, W).to(x.dtype)  # the samplers keep latents in x's dtype (fp32)
 
-    def new_cache(self, batch, height, width, sink=1, window=64, device=None, dtype=torch.float32):
-        """A KV cache for latents of (height, width); sink + window in latent frames."""
+    def text_kv(self, context, cache=None):
+        """Every layer's cross-attention k, v of the text (B, L, text_dim). A rollout's cache keeps them:
+        the text is the same for every chunk and step, so they are computed once (not while training
+        through the cache, where the gradient must reach the text projections)."""
+        reuse = cache is not None and not torch.is_grad_enabled()
+        if reuse and cache.text[0] is not None and cache.text[0][0] is context:
+            return [kv for _, kv in cache.text]
+        ctx = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))  # (B, L, dim)
+        kv = [block.cross_attn.text_kv(ctx) for block in self.blocks]
+        if reuse:
+            cache.text = [(context, layer_kv) for layer_kv in kv]
+        return kv
+
+    def new_cache(self, batch, height, width, sink=1, window=64, device=None, dtype=None):
+        """A KV cache for latents of (height, width); sink + window in latent frames; dtype: the model's."""
+        dtype = dtype or self.patch_embedding.weight.dtype
         tpf = (height // self.cfg.patch_size[1]) * (width // self.cfg.patch_size[2])
         return KVCache(self.cfg, batch, tpf, sink, window, device=device, dtype=dtype)
 
@@ -437,6 +518,8 @@ class DiT(nn.Module):
 
 # the few-step sampler's timesteps (Self-Forcing / Causal Forcing lineage), warped through the shift
 FEW_STEP_TIMESTEPS = (1000, 750, 500, 250)
+# the streaming cache of infer.py and the long-rollout metric: latent frames kept as sink and as the recent window
+STREAM_SINK, STREAM_WINDOW = 1, 8
 
 
 def shift_sigma(sigma, shift):
@@ -530,7 +613,7 @@ def sample_ar(model, noise, context, cameras=None, cond=None, sigmas=None, renoi
     """Chunk-by-chunk AR rollout of a whole clip through a fresh KV cache (the control metric, DMD)."""
     B, C, F_, H, W = noise.shape
     chunk = model.cfg.chunk
-    cache = model.new_cache(B, H, W, sink=sink, window=window, device=noise.device, dtype=noise.dtype)
+    cache = model.new_cache(B, H, W, sink=sink, window=window, device=noise.device)
     out = []
     for start in range(0, F_, chunk):
         stop = min(start + chunk, F_)

@@ -57,7 +57,7 @@ def self_rollout(student, noise, text, cams, first, sigmas, exit_step, generator
     """
     B, C, F_, H, W = noise.shape
     chunk = student.cfg.chunk
-    cache = student.new_cache(B, H, W, window=F_, device=noise.device, dtype=noise.dtype)
+    cache = student.new_cache(B, H, W, window=F_, device=noise.device)
     out = []
     for start in range(0, F_, chunk):
         stop = min(start + chunk, F_)

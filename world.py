@@ -306,3 +306,53 @@ def heldout_path(index, frames, seed=0, width=1, height=1):
                                              width=width, height=height)
         if (mirror_cameras(cameras).w2c - cameras.w2c).abs().max() > 0.1:
             return scene_seed, actions, cameras
+
+
+LONG_SEED_OFFSET = 500_000  # long held-out paths use scenes EVAL_SEED_BASE + 500_000 + ...: apart from heldout_path's
+
+
+def long_actions(scene_seed, steps, trans_step=0.25, rot_step=5.0, radius=5.0, seed=0):
+    """A wandering action string of `steps` steps for long rollouts: segments of 3-9 steps of forward
+    moves, arcs, turns and strafes. A step that would take the camera (or a point 1.5 m further the
+    same way) more than `radius` metres from the start or within 1 m of an object's footprint becomes
+    a turn towards the start, so a path of any length stays where the scene has things to see.
+    Height and pitch stay at the start pose's.
+    """
+    rng = np.random.default_rng([scene_seed, seed])
+    objects = make_scene(scene_seed)["objects"]
+
+    def clear(p):  # p (2,) = (x, z) on the ground
+        for o in objects:
+            d = p - o["centre"][[0, 2]]
+            gap = (np.linalg.norm(d) - o["half"][0] if o["kind"] == "sphere"
+                   else np.linalg.norm(np.maximum(np.abs(d) - o["half"][[0, 2]], 0)))
+            if gap < 1.0:
+                return False
+        return np.linalg.norm(p) <= radius
+
+    pos, yaw, out, segment, left = np.zeros(2), 0.0, [], "w", 0  # yaw: +z turns towards +x
+    while len(out) < steps:
+        if left == 0:
+            segment, left = str(rng.choice(["w", "w", "w", "wl", "wj", "l", "j", "d", "a"])), int(rng.integers(3, 10))
+        heading = np.array([math.sin(yaw), math.cos(yaw)])
+        way = {"w": heading, "d": np.array([heading[1], -heading[0]]), "a": np.array([-heading[1], heading[0]])}
+        shift = sum((way[ch] for ch in segment if ch in way), np.zeros(2))
+        move = segment
+        if shift.any() and not (clear(pos + trans_step * shift) and clear(pos + (trans_step + 1.5) * shift)):
+            move, left = ("l" if heading[1] * -pos[0] - heading[0] * -pos[1] > 0 else "j"), 1  # towards the start
+        for ch in move:
+            if ch in way:
+                pos = pos + trans_step * way[ch]
+            elif ch in "lj":
+                yaw += (1 if ch == "l" else -1) * math.radians(rot_step)
+        out.append(move)
+        left -= 1
+    return ",".join(out)
+
+
+def long_heldout_path(index, frames, seed=0, width=1, height=1):
+    """Long held-out path `index`: (scene_seed, actions, cameras (1, frames)) from the start pose, wandering
+    (long_actions) with 0.25 m and 5° steps; fixed for a seed, scene seeds >= EVAL_SEED_BASE."""
+    scene_seed = EVAL_SEED_BASE + LONG_SEED_OFFSET + seed * 100_000 + index
+    actions = long_actions(scene_seed, frames - 1, seed=seed)
+    return scene_seed, actions, actions_to_cameras(actions, 0.25, 5.0, width, height, START_PITCH)

@@ -59,3 +59,21 @@ def test_compare_png_shows_the_truth_then_each_checkpoint(tmp_path):
     video = metric.eval_clips(1, 8, 32, 32, 64, 16)["video"][0]  # (3, F, H, W) in [-1, 1]
     frame1 = ((video[:, 1] + 1) * 127.5).round().clamp(0, 255).permute(1, 2, 0).numpy().astype(int)
     assert np.array_equal(truth[::2, :32 * 2:2][:, :32], frame1)  # nearest upscale of the true frame 1
+
+
+def test_long_rollout_metric_perfect_model_scores_the_truth_frozen_frame_the_static_copy():
+    clips, codec = metric.long_clips(3, 40, 16, 16, 8, 4), data.PixelCodec(2)
+    truth = codec.encode(clips["video"])
+    perfect = metric.long_rollout_metric(lambda noise, text, cams, first: truth, codec, clips)
+    frozen = metric.long_rollout_metric(lambda noise, text, cams, first: first[:, :, None].expand_as(noise),
+                                        codec, clips, batch=2)
+    assert (perfect["model"]["psnr"] > 90).all() and perfect["model"]["colour"].abs().max() < 1e-6
+    assert torch.allclose(perfect["model"]["sharp"], perfect["model"]["sharp_true"])
+    for key in ("psnr", "colour", "sharp"):  # the frozen frame is exactly the static copy
+        assert torch.allclose(frozen["model"][key], frozen["static"][key])
+    segments = metric.segment_scores(frozen["model"])
+    assert list(segments) == ["1-7", "8-15", "16-31"]  # segments that fit in 40 frames
+    assert segments["16-31"]["psnr"] == pytest.approx(frozen["model"]["psnr"][16:32].mean().item())
+    assert frozen["model"]["colour"][1:].mean() > 0.005  # the world changes as the camera moves
+    table = metric.long_table({"perfect": perfect["model"], "static": frozen["static"]}).splitlines()
+    assert table[0] == "| model | frames 1-7 | frames 8-15 | frames 16-31 |" and table[3].startswith("| static | ")

@@ -182,6 +182,54 @@ def test_teacher_forcing_mask_hand_checked():
     assert torch.equal(m, expect)
 
 
+def test_teacher_forcing_mask_with_sink_and_window():
+    m = M.teacher_forcing_mask(frames=8, chunk=2, tokens_per_frame=1, sink=1, window=3).int()
+    clean = m[:8, :8]
+    # chunk 3 (frames 6, 7) sees the sink (frame 0), the 3 frames before it (3, 4, 5) and itself
+    assert clean[6].tolist() == [1, 0, 0, 1, 1, 1, 1, 1]
+    assert clean[2].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]  # chunk 1: everything before is in the window
+    assert m[8 + 6, :8].tolist() == [1, 0, 0, 1, 1, 1, 0, 0] and m[8 + 6, 8:].tolist() == [0] * 6 + [1, 1]
+    assert torch.equal(M.teacher_forcing_mask(8, 2, 1, window=100), M.teacher_forcing_mask(8, 2, 1))
+
+
+@pytest.mark.parametrize("sink,window", [(1, 3), (0, 4), (2, 2)])
+def test_windowed_cache_rollout_equals_windowed_teacher_forcing(sink, window):
+    """Past the window the ring evicts the oldest frames; the commit pass must still see them."""
+    net = tiny("inline", seed=4)
+    B, F = 1, 12  # 6 chunks of 2 frames: the ring fills and wraps
+    g = torch.Generator().manual_seed(2)
+    clean, noisy = torch.randn(B, 4, F, 4, 4, generator=g), torch.randn(B, 4, F, 4, 4, generator=g)
+    ctx, cams = torch.randn(B, 3, 8, generator=g), random_cameras(B, F, g)
+    cond = M.image_cond(clean[:, :, 0], F)
+    t = torch.rand(B, F // 2, generator=g).repeat_interleave(2, 1) * 1000
+    with torch.no_grad():
+        tf = net(noisy, t, ctx, cams, cond, clean=clean, sink=sink, window=window)
+        cache = net.new_cache(B, 4, 4, sink=sink, window=window)
+        outs = []
+        for s in range(0, F, 2):
+            sl = slice(s, s + 2)
+            outs.append(net(noisy[:, :, sl], t[:, sl], ctx, cams.frames(s, s + 2), cond[:, :, sl], cache=cache,
+                            frame_offset=s))
+            net(clean[:, :, sl], torch.zeros(B, 2), ctx, cams.frames(s, s + 2), cond[:, :, sl], cache=cache,
+                frame_offset=s, commit=True)
+        assert (torch.cat(outs, 2) - tf).abs().max() < 1e-4
+        full = net(noisy, t, ctx, cams, cond, clean=clean)
+        assert (full - tf).abs().max() > 1e-3  # the window does cut the context
+
+
+def test_cache_attends_to_what_it_holds_without_a_mask():
+    net = tiny("inline")
+    cache = net.new_cache(1, 4, 4, sink=1, window=64)
+    tpf = 4
+    sizes = []
+    for f in range(0, 6, 2):
+        kv, mask = cache.attend(0, [torch.zeros(1, 2, 2 * tpf, net.cfg.head_dim)] * 2, 2, commit=True)
+        sizes.append(kv[0].shape[2])
+        assert mask is None
+        cache.advance(2)
+    assert sizes == [2 * tpf, 4 * tpf, 6 * tpf]  # not the 1 + 64 + 2 frames the cache could hold
+
+
 @pytest.mark.parametrize("mode", ["inline", "branch", "none"])
 def test_cache_rollout_equals_teacher_forcing(mode):
     net = tiny(mode, seed=3)
@@ -221,7 +269,7 @@ def test_cache_sliding_window_keeps_memory_flat():
             net(x, torch.zeros(1), ctx, cams.frames(s, s + 2), cache=cache, frame_offset=s, commit=True)
     assert sum(t.numel() for layer in cache.kv for t in layer) == size
     tpf = 4  # 4x4 latents, patch 2
-    assert cache.frames_written == 20 and bool(cache.valid[: (1 + 3) * tpf].all())
+    assert cache.frames_written == 20 and cache.filled == 1 + 3
 
 
 def test_bad_input_messages(tmp_path):
@@ -265,3 +313,57 @@ def test_schedule_facts():
     x0, n = torch.randn(3), torch.randn(3)
     xt = M.add_noise(x0, n, 0.3)
     assert torch.allclose(xt - 0.3 * (n - x0), x0, atol=1e-6)  # x0 = x_t - sigma v
+
+
+def test_bf16_parameters_run_forward_and_rollout_close_to_fp32():
+    net = M.load_pretrained("assets/dmd").eval()
+    half = M.load_pretrained("assets/dmd").to(torch.bfloat16).eval()
+    x, t, ctx, cams = inputs(B=2, F=4)
+    x = torch.randn(2, 12, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(1))
+    cond = M.image_cond(x[:, :, 0], 4)
+    with torch.no_grad():
+        a, b = net(x, t, ctx, cams, cond), half(x, t, ctx, cams, cond)
+        assert b.dtype == torch.float32  # velocities come back in the latents' dtype
+        assert (a - b).abs().mean() < 0.01 * a.abs().mean() + 1e-3 and (a - b).abs().max() < 0.1
+        few = M.few_step_sigmas()
+        s1 = M.sample_ar(net, x, ctx, cams, cond, few, renoise=True, generator=torch.Generator().manual_seed(0))
+        s2 = M.sample_ar(half, x, ctx, cams, cond, few, renoise=True, generator=torch.Generator().manual_seed(0))
+        assert (s1 - s2).abs().mean() < 0.02 * s1.abs().mean() and (s1 - s2).abs().max() < 0.1
+
+
+def test_flex_block_mask_teacher_forcing_equals_the_dense_mask():
+    import warnings
+    net = tiny("inline", seed=5)
+    B, F = 2, 6
+    g = torch.Generator().manual_seed(3)
+    clean, noisy = torch.randn(B, 4, F, 4, 4, generator=g), torch.randn(B, 4, F, 4, 4, generator=g)
+    ctx, cams, t = torch.randn(B, 3, 8, generator=g), random_cameras(B, F, g), torch.rand(B, F, generator=g) * 1000
+    cond = M.image_cond(clean[:, :, 0], F)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs uncompiled on the CPU
+        for sink, window in ((0, None), (1, 2)):
+            net.flex = False
+            dense = net(noisy, t, ctx, cams, cond, clean=clean, sink=sink, window=window)
+            net.flex = True
+            flex = net(noisy, t, ctx, cams, cond, clean=clean, sink=sink, window=window)
+            assert (dense - flex).abs().max() < 1e-5
+    for sink, window in ((0, None), (1, 2), (2, 1)):  # the BlockMask's rule, token by token, is the dense mask
+        block = M.teacher_forcing_block_mask(F, 2, 4, torch.device("cpu"), sink, window)
+        n = torch.arange(2 * F * 4)
+        assert torch.equal(block.mask_mod(0, 0, n[:, None], n[None, :]), M.teacher_forcing_mask(F, 2, 4, None, sink, window))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    net = tiny("inline", seed=6)
+    B, F = 2, 4
+    g = torch.Generator().manual_seed(4)
+    clean, noisy = torch.randn(B, 4, F, 4, 4, generator=g), torch.randn(B, 4, F, 4, 4, generator=g)
+    ctx, cams, t = torch.randn(B, 3, 8, generator=g), random_cameras(B, F, g), torch.rand(B, F, generator=g) * 1000
+    grads = []
+    for ckpt in (False, True):
+        net.zero_grad()
+        net.grad_ckpt = ckpt
+        net(noisy, t, ctx, cams, M.image_cond(clean[:, :, 0], F), clean=clean).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert grads[0].abs().max() > 0 and (grads[0] - grads[1]).abs().max() < 1e-6

@@ -147,3 +147,17 @@ def test_heldout_paths_are_held_out_fixed_and_moving():
     assert world.heldout_path(0, 5, seed=1)[0] == world.EVAL_SEED_BASE + 100_000
     train = [world.make_clip(0, i, 2, 4, 4, 8, 4)["scene_seed"] for i in range(24)]
     assert max(train) < world.EVAL_SEED_BASE
+
+
+def test_long_heldout_paths_wander_but_stay_in_the_scene():
+    for i in range(3):
+        scene_seed, actions, cams = world.long_heldout_path(i, 512)
+        assert scene_seed >= world.EVAL_SEED_BASE and cams.num_frames == 512
+        assert world._path_ok(cams, scene_seed, margin=0.5)  # never inside an object, never far away
+        centres, _ = world._world_centres(cams)
+        assert (centres[:, [0, 2]].norm(dim=-1) > 2).float().mean() > 0.3  # it does leave the start
+        steps = cameras.parse_actions(actions)
+        assert sum("w" in s for s in steps) > 100 and sum(s in ("l", "j") for s in steps) > 20
+    again = world.long_heldout_path(0, 512)
+    assert again[1] == world.long_heldout_path(0, 512)[1]
+    assert world.long_heldout_path(0, 64)[1] == again[1][:len(world.long_heldout_path(0, 64)[1])]
