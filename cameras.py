@@ -111,8 +111,9 @@ def mirror_cameras(cameras):
     return Cameras(M @ cameras.w2c @ M, cameras.K.clone())
 
 
-def parse_actions(actions):
-    """"w*2,dl" -> ["w", "w", "dl"]: the letters acting in each step."""
+def parse_actions(actions, max_steps=None):
+    """"w*2,dl" -> ["w", "w", "dl"]: the letters acting in each step (at most max_steps, checked
+    before the list is built, so "w*999999999" from a browser costs nothing)."""
     if not actions.strip():
         raise ValueError('actions "": empty action string')
     steps = []
@@ -127,7 +128,10 @@ def parse_actions(actions):
                 raise ValueError(f"{where}: unknown action letter {ch!r} (known: {ACTIONS})")
         if star and not (count.isdigit() and int(count) > 0):
             raise ValueError(f"{where}: repeat count must be a positive integer, got {count!r}")
-        steps += [letters] * (int(count) if star else 1)
+        n_new = int(count) if star else 1
+        if max_steps is not None and len(steps) + n_new > max_steps:
+            raise ValueError(f'actions "{actions}": more than {max_steps} steps')
+        steps += [letters] * n_new
     return steps
 
 
@@ -139,17 +143,47 @@ def actions_to_cameras(actions, trans_step=0.25, rot_step=5.0, width=1, height=1
     view. pitch0: degrees frame 0 looks below the horizon (0: a level first frame; the procedural
     world's start pose looks START_PITCH down).
     """
-    pos, yaw, pitch, w2c = np.zeros(3), 0.0, -math.radians(pitch0), []
-    for letters in [""] + parse_actions(actions):
-        for ch in letters:  # in the order written
-            if ch in TRANSLATE:
-                pos = pos + trans_step * rotation(1, yaw) @ np.array(TRANSLATE[ch], dtype=float)
-            yaw += YAW.get(ch, 0) * math.radians(rot_step)
-            pitch += PITCH.get(ch, 0) * math.radians(rot_step)
-        c2w = np.eye(4)
-        c2w[:3, :3], c2w[:3, 3] = rotation(1, yaw) @ rotation(0, pitch), pos
-        w2c.append(rigid_inverse(c2w))
+    walk = Walker(trans_step, rot_step, pitch0)
+    w2c = [walk.w2c0] + [walk.step(letters) for letters in parse_actions(actions)]
     return _relative(w2c, default_K(len(w2c), width, height).numpy())
+
+
+class Walker:
+    """The first-person pose of `actions_to_cameras`, carried from step to step.
+
+    A game of any length (play.py, infer.py --interactive) asks for the cameras of the next chunk
+    only: `cameras(steps)` walks on from where the last call stopped, so each frame costs O(1)
+    instead of re-walking the whole path. Its poses are the same numbers as `actions_to_cameras`'s
+    (the same code makes both), so a played game equals `infer.py --actions` of its steps.
+    """
+
+    def __init__(self, trans_step=0.25, rot_step=5.0, pitch0=0.0):
+        self.trans_step, self.rot_step = trans_step, math.radians(rot_step)
+        self.pos, self.yaw, self.pitch = np.zeros(3), 0.0, -math.radians(pitch0)
+        self.w2c0 = self.w2c()  # frame 0: every pose is made relative to it
+        self.started = False  # frame 0 handed out yet
+
+    def w2c(self):
+        c2w = np.eye(4)
+        c2w[:3, :3], c2w[:3, 3] = rotation(1, self.yaw) @ rotation(0, self.pitch), self.pos
+        return rigid_inverse(c2w)
+
+    def step(self, letters):
+        """Act one step ("w", "wl", ...; letters in the order written); returns the new w2c (4, 4)."""
+        for ch in letters:
+            if ch in TRANSLATE:
+                self.pos = self.pos + self.trans_step * rotation(1, self.yaw) @ np.array(TRANSLATE[ch], dtype=float)
+            self.yaw += YAW.get(ch, 0) * self.rot_step
+            self.pitch += PITCH.get(ch, 0) * self.rot_step
+        return self.w2c()
+
+    def cameras(self, steps, width=1, height=1):
+        """Cameras (1, n) of the next frames, relative to frame 0: on the first call frame 0 and the
+        frames these steps reach (n = len(steps) + 1, like an action string), then the steps' frames."""
+        w2c = [self.w2c0] + [self.step(letters) for letters in steps]
+        cams = _relative(w2c, default_K(len(w2c), width, height).numpy())
+        first, self.started = (1 if self.started else 0), True
+        return cams.frames(first, len(w2c))
 
 
 def _numbers(value, where, shape):
