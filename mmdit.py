@@ -531,8 +531,10 @@ class MMDiT(nn.Module):
         pt, ph, pw = cfg.patch_size
         f, h, w = F_ // pt, H // ph, W // pw
         img = self.embed(x, cond)  # (B, N, D), N = f*h*w
-        t = t.float()
-        t = t[:, None] if t.ndim == 1 else t  # (B, 1) or (B, f)
+        t_clip = t.float() if t.ndim == 1 else t.float().mean(1)  # (B,): the text stream's, when bidirectional
+        # one modulation vector per frame, always: the action (WorldPlay) is per frame, and a model run with and
+        # without cameras then rounds alike (its zero-initialized parts add exact zeros)
+        t = t.float().view(B, -1).expand(B, f)  # (B, f)
         frames = torch.arange(f, device=x.device) + frame_offset
         cams = cameras.matrices() if cameras is not None else None  # (P, P⁻¹), each (B, f, 4, 4)
         actions = None
@@ -543,21 +545,21 @@ class MMDiT(nn.Module):
         if clean is not None:  # teacher forcing: [clean | noisy] share positions, cameras and actions
             img = torch.cat([self.embed(clean, cond), img], 1)
             t_ctx = torch.zeros(B, f, device=x.device) if clean_t is None else clean_t.float().expand(B, f)
-            t = torch.cat([t_ctx, t.expand(B, f)], 1)  # (B, 2f)
+            t = torch.cat([t_ctx, t], 1)  # (B, 2f)
             frames = torch.cat([frames, frames])
             cams = None if cams is None else (torch.cat([cams[0]] * 2, 1), torch.cat([cams[1]] * 2, 1))
             actions = None if actions is None else torch.cat([actions, actions], 1)
             mask = M.teacher_forcing_mask(f, cfg.chunk // pt or 1, h * w, x.device)
             n_frames = 2 * f
-        vec = self.time_in(t)  # (B, Ft, D)
+        vec = self.time_in(t)  # (B, n_frames, D)
         if actions is not None:
-            vec = vec + self.action_in(actions)  # (B, n_frames, D): WorldPlay adds the action to the modulation
+            vec = vec + self.action_in(actions)  # WorldPlay adds the action to the modulation vector
         rd = cfg.head_dim - cfg.inline_prope_dim
         pos = dict(rope=M.rope_tables(rd, frames, h, w, cfg.rope_theta, x.device, split=cfg.rope_split), cams=cams,
                    mask=mask, cache=cache, commit=commit, n_frames=n_frames)
         if clean is None and cache is None:  # bidirectional: the two streams attend to each other in every block
-            t_txt = t.mean(1)  # (B,)
-            txt, vec_txt = self.embed_text(context, t_txt, context_2, image_embeds), self.time_in(t_txt)[:, None]
+            txt = self.embed_text(context, t_clip, context_2, image_embeds)  # (B, L, D)
+            vec_txt = self.time_in(t_clip)[:, None]  # (B, 1, D)
             for i, block in enumerate(self.double_blocks):
                 img, txt = block(img, vec, pos, i, txt=txt, vec_txt=vec_txt)
         else:
