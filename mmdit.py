@@ -263,7 +263,8 @@ class ByT5Mapper(nn.Module):  # byt5_in: glyph text states -> model width
     def __init__(self, in_dim, dim):
         super().__init__()
         self.layernorm = nn.LayerNorm(in_dim)
-        self.fc1, self.fc2, self.fc3 = nn.Linear(in_dim, BYT5_HIDDEN), nn.Linear(BYT5_HIDDEN, BYT5_HIDDEN), nn.Linear(BYT5_HIDDEN, dim)
+        self.fc1, self.fc2 = nn.Linear(in_dim, BYT5_HIDDEN), nn.Linear(BYT5_HIDDEN, BYT5_HIDDEN)
+        self.fc3 = nn.Linear(BYT5_HIDDEN, dim)
         self.act = nn.GELU()
 
     def forward(self, x):
@@ -603,7 +604,8 @@ _DIFFUSERS_TO_HY = [
      r"txt_in.individual_token_refiner.blocks.\1.mlp.fc2."),
     (r"^context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.norm_out\.linear\.",
      r"txt_in.individual_token_refiner.blocks.\1.adaLN_modulation.1."),
-    (r"^context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.(norm[12])\.", r"txt_in.individual_token_refiner.blocks.\1.\2."),
+    (r"^context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.(norm[12])\.",
+     r"txt_in.individual_token_refiner.blocks.\1.\2."),
     (r"^context_embedder_2\.norm\.", "byt5_in.layernorm."),
     (r"^context_embedder_2\.linear_([123])\.", r"byt5_in.fc\1."),
     (r"^image_embedder\.norm_in\.", "vision_in.proj.0."),

@@ -7,16 +7,19 @@
 #   bash pipeline.sh --quick         every stage at smoke size (minutes)
 #   bash pipeline.sh --from=ar       start at a stage, taking the earlier stages' checkpoints from assets/
 #   bash pipeline.sh --ship          also copy each trained checkpoint (EMA, fp16) into assets/
+#   bash pipeline.sh --preset=tiny-mmdit --out_dir=out_mmdit    the same chain on another model preset
+#                                    (Phase 1 builds it; every later stage reads it from the checkpoint)
 # Outputs go to --out_dir (default out/, out_quick/ with --quick); the results table to OUT/results.md.
 set -euo pipefail
 cd "$(dirname "$0")"
-QUICK="" OUT="" FROM=bidir DISTILL=ode SHIP=""
+QUICK="" OUT="" FROM=bidir DISTILL=ode SHIP="" PRESET=()
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=--quick ;;
     --cd) DISTILL=cd ;;
     --ship) SHIP=1 ;;
     --from=*) FROM="${arg#--from=}" ;;
+    --preset=*) PRESET=("$arg") ;;
     --out_dir=*) OUT="${arg#--out_dir=}" ;;
     *) echo "error: unknown option $arg (see the header of pipeline.sh)" >&2; exit 2 ;;
   esac
@@ -34,7 +37,7 @@ for stage in "${STAGES[@]}"; do
   [ "$stage" = "$FROM" ] && started=1
   [ -z "$started" ] && continue
   case "$stage" in
-    bidir) args=() ;;
+    bidir) args=(${PRESET[@]+"${PRESET[@]}"}) ;;
     ar) args=(--ckpt="$(ckpt bidir)") ;;
     ode|cd) args=(--ckpt="$(ckpt ar)") ;;
     dmd) args=(--ckpt="$(ckpt "$DISTILL")" --teacher="$(ckpt bidir)") ;;
