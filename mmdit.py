@@ -4,9 +4,10 @@ conditioning, behind the call interface of `model.DiT`, so every stage and infer
 Why a sibling of model.py: model.py holds the Wan DiT *and* the machinery both networks share; a
 second architecture (another block, another naming scheme, its own converter) would take it past
 1,200 lines, and one file per architecture keeps each readable top to bottom. What is shared is
-imported, never copied: the attention function, the teacher-forcing mask, the KV cache (subclassed
-only to hold the text K/V), the RoPE tables and rotation, LayerNorm / modulate / gate, the
-sinusoidal embedding, PRoPE (prope.py), the first-frame condition, and - outside this file - the
+imported, never copied: the attention function, the teacher-forcing masks (dense and flex), the KV
+cache (its per-layer text slot as the Wan DiT uses it; subclassed only to remember the last camera),
+the RoPE tables and rotation, LayerNorm / modulate / gated residual in fp32, the sinusoidal
+embedding, PRoPE (prope.py), the first-frame condition, and - outside this file - the
 flow-matching loss, the schedule, the samplers and the checkpoint reading (model.load_pretrained
 reads the file, sees HY names and hands the state dict to `from_state_dict` here).
 
@@ -17,11 +18,12 @@ Read top to bottom:
      (txt_in), the byT5 and SigLIP projections, the double-stream block, the final layer
   4. the MMDiT and its three attention modes:
        bidirectional   - one joint attention over [image | text] per block: every token sees every token
-       teacher forcing - image tokens [clean | noisy] under model.teacher_forcing_mask, plus all text;
-                         text tokens see only text (WorldPlay's causal mode), so the text stream does
-                         not depend on the video: it runs once, at t = 0
+       teacher forcing - image tokens [clean | noisy] under model.teacher_forcing_mask (optionally
+                         windowed; a flex BlockMask on CUDA), plus all text; text tokens see only text
+                         (WorldPlay's causal mode), so the text stream does not depend on the video:
+                         it runs on its own, at t = 0
        cached rollout  - the chunk's image tokens attend to the KV cache and to the text K/V, which
-                         the cache computes at its first call and keeps
+                         the cache computes at its first call and keeps (as the Wan DiT's cross-attention)
   5. loading: diffusers -> original names (copies, fused-qkv concatenation, the final layer's
      scale/shift swap), the config from a state dict's shapes
 
@@ -30,6 +32,7 @@ Parameter names follow the ORIGINAL HY1.5 layout (`double_blocks.0.img_attn_q.we
 `context` of the common interface; byT5 glyph states (1472) and SigLIP image states (1152) are the
 optional keywords `context_2` and `image_embeds` (absent = HY1.5's masked-out tokens).
 """
+import functools
 import math
 import re
 from dataclasses import dataclass, fields
@@ -37,6 +40,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
+from torch.utils.checkpoint import checkpoint
 
 import cameras as camera_files
 import model as M
@@ -199,7 +204,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(FREQ_DIM, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):  # (...,) on the 0..1000 scale (or an action label 0..80) -> (..., dim)
-        return self.mlp(M.sinusoidal(t, FREQ_DIM))
+        return self.mlp(M.sinusoidal(t, FREQ_DIM).to(self.mlp[0].weight.dtype))  # the sinusoid in fp32
 
 
 class MLP(nn.Module):
@@ -235,8 +240,8 @@ class RefinerBlock(nn.Module):
     def forward(self, x, c):  # x (B, L, D), c (B, D)
         gate_attn, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(2, -1)  # (B, 1, D) each
         q, k, v = (heads(y, self.H) for y in self.self_attn_qkv(self.norm1(x)).chunk(3, -1))  # (B, H, L, d)
-        x = x + self.self_attn_proj(merge(M.attention(q, k, v))) * gate_attn
-        return x + self.mlp(self.norm2(x)) * gate_mlp
+        x = M.gated_residual(x, self.self_attn_proj(merge(M.attention(q, k, v))), gate_attn)
+        return M.gated_residual(x, self.mlp(self.norm2(x)), gate_mlp)
 
 
 class TokenRefiner(nn.Module):
@@ -252,6 +257,7 @@ class TokenRefiner(nn.Module):
             dict(blocks=nn.ModuleList(RefinerBlock(cfg) for _ in range(cfg.refiner_layers))))
 
     def forward(self, text, t):  # text (B, L, text_dim), t (B,) -> (B, L, D)
+        text = text.to(self.input_embedder.weight.dtype)
         c = self.t_embedder(t) + self.c_embedder(text.mean(1))  # (B, D); padding is the caller's job, as in DiT
         x = self.input_embedder(text)
         for block in self.individual_token_refiner["blocks"]:
@@ -359,9 +365,9 @@ class DoubleBlock(nn.Module):
 
     def text_out(self, txt, o, mod):
         """Text residuals: gated attention output (o (B, H, L, d)), then the gated MLP."""
-        txt = txt + M.gate(self.txt_attn_proj(merge(camera_free(o, self.cfg.inline_prope_dim))), mod[2])
+        txt = M.gated_residual(txt, self.txt_attn_proj(merge(camera_free(o, self.cfg.inline_prope_dim))), mod[2])
         y = self.txt_mlp(M.modulate(M.layer_norm(txt, self.cfg.eps), mod[3], mod[4], 1))
-        return txt + M.gate(y, mod[5])
+        return M.gated_residual(txt, y, mod[5])
 
     def forward(self, img, vec, pos, layer, txt=None, vec_txt=None, text_kv=None):
         """img (B, N, D), vec (B, Ft, D). Bidirectional: txt (B, L, D) and vec_txt (B, 1, D) are given and
@@ -376,12 +382,12 @@ class DoubleBlock(nn.Module):
             qt, kt, vt = self.text_qkv(txt, tmod)
         else:
             kt, vt = text_kv
-        L = kt.shape[2]
         new = [k, v] + (list(branch[1:]) if branch else [])  # the image keys/values: through the cache, if any
-        mask = pos["mask"]
-        if pos["cache"] is not None:
-            new, mask = pos["cache"].attend(layer, new, pos["n_frames"], pos["commit"])
-        full = None if mask is None else torch.cat([mask, mask.new_ones(mask.shape[0], L)], 1)  # text: seen by all
+        if pos["cache"] is not None:  # the chunk and what the cache holds: no mask
+            new, _ = pos["cache"].attend(layer, new, pos["n_frames"], pos["commit"])
+        # teacher forcing: the block-causal mask over the image keys, and the same with the text keys appended
+        # (seen by every image token); None in the other modes
+        mask, full = pos["mask"], pos["mask_text"]
         keys, values = torch.cat([new[0], kt], 2), torch.cat([new[1], vt], 2)  # (B, H, S + L, d)
         if txt is not None:  # bidirectional: the text queries join the same attention
             o = M.attention(torch.cat([q, qt], 2), keys, values)
@@ -401,9 +407,9 @@ class DoubleBlock(nn.Module):
         y = self.img_attn_proj(merge(o))
         if ob is not None:
             y = y + self.img_attn_prope_proj(merge(prope.apply(ob, cams[0])))
-        img = img + M.gate(y, mod[2])
+        img = M.gated_residual(img, y, mod[2])
         y = self.img_mlp(M.modulate(M.layer_norm(img, cfg.eps), mod[3], mod[4], pos["n_frames"]))
-        return img + M.gate(y, mod[5]), txt
+        return M.gated_residual(img, y, mod[5]), txt
 
 
 class FinalLayer(nn.Module):
@@ -422,16 +428,23 @@ class FinalLayer(nn.Module):
 # 4. the MMDiT
 
 
-class TextKVCache(M.KVCache):
-    """model.KVCache for the image tokens, plus what the MMDiT keeps for a whole rollout: the text stream's
-    K/V per layer (computed at the first call, at t = 0; in the causal modes the text never sees the video)
-    and the camera of the last committed frame (the previous pose of the next chunk's action label)."""
+class MMKVCache(M.KVCache):
+    """model.KVCache (image K/V; its `text` slot holds the text stream's K/V per layer, as for the Wan DiT's
+    cross-attention) plus the camera of the last committed frame: the previous pose of the next chunk's
+    first action label (WorldPlay)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.text_kv = None  # per layer (k, v), each (B, H, L, d)
-        self.text_of = None  # the context they were computed from
         self.last_w2c = None  # (B, 4, 4)
+
+
+@functools.lru_cache(maxsize=16)
+def teacher_forcing_text_block_mask(frames, chunk, tokens_per_frame, text_len, device, sink=0, window=None):
+    """model.teacher_forcing_block_mask with text_len more key columns, seen by every image token (flex)."""
+    image = M.teacher_forcing_block_mask(frames, chunk, tokens_per_frame, device, sink, window).mask_mod
+    n = 2 * frames * tokens_per_frame
+    return create_block_mask(lambda b, h, q, k: (k >= n) | image(b, h, q, k), None, None, n, n + text_len,
+                              device=device)
 
 
 class MMDiT(nn.Module):
@@ -458,6 +471,8 @@ class MMDiT(nn.Module):
         nn.init.zeros_(self.cond_type_embedding.weight)  # as the release initializes it
         self.double_blocks = nn.ModuleList(DoubleBlock(cfg) for _ in range(cfg.num_layers))
         self.final_layer = FinalLayer(cfg)
+        self.grad_ckpt = False  # activation checkpointing per block while training (--grad_ckpt)
+        self.flex = None  # teacher forcing with a flex_attention BlockMask: None = on CUDA, else the dense mask
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -468,26 +483,27 @@ class MMDiT(nn.Module):
             if cond is None:
                 cond = x.new_zeros(x.shape[0], self.cfg.in_channels - x.shape[1], *x.shape[2:])
             x = torch.cat([x, cond.to(x.dtype)], 1)
-        return self.img_in.proj(x).flatten(2).transpose(1, 2)
+        return self.img_in.proj(x.to(self.img_in.proj.weight.dtype)).flatten(2).transpose(1, 2)
 
     def embed_text(self, context, t, context_2=None, image_embeds=None):
         """The conditioning tokens [SigLIP | byT5 | Qwen text] (B, L, D), each with its condition-type
         embedding (the order of HY1.5's valid tokens; attention does not depend on it). t: (B,)."""
-        parts = [self.txt_in(context, t) + self.cond_type_embedding.weight[0]]
+        kind = self.cond_type_embedding.weight  # (3, D)
+        parts = [self.txt_in(context, t) + kind[0]]
         if context_2 is not None:
-            parts.insert(0, self.byt5_in(context_2) + self.cond_type_embedding.weight[1])
+            parts.insert(0, self.byt5_in(context_2.to(kind.dtype)) + kind[1])
         if image_embeds is not None:
-            parts.insert(0, self.vision_in(image_embeds) + self.cond_type_embedding.weight[2])
+            parts.insert(0, self.vision_in(image_embeds.to(kind.dtype)) + kind[2])
         return torch.cat(parts, 1)
 
     def text_stream(self, context, cache, context_2=None, image_embeds=None):
         """Per-layer text (k, v) of the causal modes: text attends to text only, at t = 0 (WorldPlay's
-        text K/V cache), so it is computed once per rollout and kept in the cache."""
-        if cache is not None and cache.text_kv is not None:
-            if context is not cache.text_of and not torch.equal(context, cache.text_of):
-                raise ValueError("MMDiT: this KV cache holds the K/V of another text; use one cache per text")
-            return cache.text_kv
-        t0 = context.new_zeros(context.shape[0])
+        text K/V cache). A rollout's cache keeps them, in its `text` slot as the Wan DiT's text_kv does:
+        computed once per text (not while training through the cache, where the gradient must reach them)."""
+        reuse = cache is not None and not torch.is_grad_enabled()
+        if reuse and cache.text[0] is not None and cache.text[0][0] is context:
+            return [kv for _, kv in cache.text]
+        t0 = torch.zeros(context.shape[0], device=context.device)
         txt = self.embed_text(context, t0, context_2, image_embeds)  # (B, L, D)
         vec_txt = self.time_in(t0)[:, None]  # (B, 1, D)
         kv = []
@@ -497,8 +513,8 @@ class MMDiT(nn.Module):
             kv.append((k, v))
             if i + 1 < len(self.double_blocks):  # the last block's text output is read by nothing
                 txt = block.text_out(txt, M.attention(q, k, v), mod)
-        if cache is not None:
-            cache.text_kv, cache.text_of = kv, context
+        if reuse:
+            cache.text = [(context, layer_kv) for layer_kv in kv]
         return kv
 
     def _check_extra(self, B, context_2, image_embeds):
@@ -512,16 +528,17 @@ class MMDiT(nn.Module):
                 raise ValueError(f"MMDiT: {name} must be (B={B}, L, {width}), got {tuple(x.shape)}")
 
     def forward(self, x, t, context, cameras=None, cond=None, *, clean=None, cache=None, commit=False,
-                frame_offset=0, clean_t=None, context_2=None, image_embeds=None):
+                frame_offset=0, sink=0, window=None, context_2=None, image_embeds=None):
         """Predict the flow-matching velocity v = noise - x0 (same shape as x); the interface of model.DiT.
 
         x: (B, C, F, H, W) latents; t: (B,) or per-frame (B, F) on the 0..1000 scale; context: (B, L,
         text_dim) Qwen2.5-VL states; cameras: prope.Cameras of the F frames (PRoPE and, with cfg.action,
         the action labels); cond: (B, in_channels - C, F, H, W) or None (zeros). Modes as model.DiT:
-        default bidirectional; `clean=` teacher forcing over [clean | x] (clean_t: (B, F) timesteps of the
-        context half, default 0); `cache=` a cached rollout of the chunk starting at `frame_offset`,
-        `commit=True` storing its K/V. context_2: (B, L2, byt5_dim) byT5 states, image_embeds: (B, L3,
-        vision_dim) SigLIP states of the first frame; None leaves those tokens out (HY1.5 masks them).
+        default bidirectional; `clean=` teacher forcing over [clean | x] (earlier frames limited to `sink`
+        + `window` when window is given, as a rollout through KVCache(sink, window) sees them); `cache=`
+        a cached rollout of the chunk starting at `frame_offset`, `commit=True` storing its K/V.
+        context_2: (B, L2, byt5_dim) byT5 states, image_embeds: (B, L3, vision_dim) SigLIP states of the
+        first frame; None leaves those tokens out (HY1.5 masks them out).
         The text stream runs at the clip's timestep when bidirectional (HY1.5; the mean over frames for
         per-frame t), at t = 0 in the causal modes (WorldPlay).
         """
@@ -545,28 +562,36 @@ class MMDiT(nn.Module):
         mask, n_frames = None, f
         if clean is not None:  # teacher forcing: [clean | noisy] share positions, cameras and actions
             img = torch.cat([self.embed(clean, cond), img], 1)
-            t_ctx = torch.zeros(B, f, device=x.device) if clean_t is None else clean_t.float().expand(B, f)
-            t = torch.cat([t_ctx, t], 1)  # (B, 2f)
+            t = torch.cat([torch.zeros_like(t), t], 1)  # (B, 2f): the clean half at t = 0
             frames = torch.cat([frames, frames])
             cams = None if cams is None else (torch.cat([cams[0]] * 2, 1), torch.cat([cams[1]] * 2, 1))
             actions = None if actions is None else torch.cat([actions, actions], 1)
-            mask = M.teacher_forcing_mask(f, cfg.chunk // pt or 1, h * w, x.device)
             n_frames = 2 * f
         vec = self.time_in(t)  # (B, n_frames, D)
         if actions is not None:
             vec = vec + self.action_in(actions)  # WorldPlay adds the action to the modulation vector
         rd = cfg.head_dim - cfg.inline_prope_dim
         pos = dict(rope=M.rope_tables(rd, frames, h, w, cfg.rope_theta, x.device, split=cfg.rope_split), cams=cams,
-                   mask=mask, cache=cache, commit=commit, n_frames=n_frames)
+                   mask=None, mask_text=None, cache=cache, commit=commit, n_frames=n_frames)
+        ckpt = self.grad_ckpt and torch.is_grad_enabled() and cache is None  # recompute each block in the backward
+        run = lambda block, *a, **kw: checkpoint(block, *a, use_reentrant=False, **kw) if ckpt else block(*a, **kw)
         if clean is None and cache is None:  # bidirectional: the two streams attend to each other in every block
             txt = self.embed_text(context, t_clip, context_2, image_embeds)  # (B, L, D)
             vec_txt = self.time_in(t_clip)[:, None]  # (B, 1, D)
             for i, block in enumerate(self.double_blocks):
-                img, txt = block(img, vec, pos, i, txt=txt, vec_txt=vec_txt)
+                img, txt = run(block, img, vec, pos, i, txt=txt, vec_txt=vec_txt)
         else:
             text_kv = self.text_stream(context, cache, context_2, image_embeds)
+            if clean is not None:
+                L, args = text_kv[0][0].shape[2], (f, cfg.chunk // pt or 1, h * w)
+                if self.flex if self.flex is not None else x.is_cuda:
+                    pos["mask"] = M.teacher_forcing_block_mask(*args, x.device, sink, window)
+                    pos["mask_text"] = teacher_forcing_text_block_mask(*args, L, x.device, sink, window)
+                else:
+                    pos["mask"] = M.teacher_forcing_mask(*args, x.device, sink, window)  # (2N, 2N)
+                    pos["mask_text"] = torch.cat([pos["mask"], pos["mask"].new_ones(len(pos["mask"]), L)], 1)
             for i, block in enumerate(self.double_blocks):
-                img, _ = block(img, vec, pos, i, text_kv=text_kv[i])
+                img, _ = run(block, img, vec, pos, i, text_kv=text_kv[i])
         if cache is not None and commit:
             cache.advance(f)
             if cameras is not None:
@@ -575,12 +600,13 @@ class MMDiT(nn.Module):
         if clean is not None:
             out = out[:, out.shape[1] // 2:]
         out = out.view(B, f, h, w, C, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
-        return out.reshape(B, C, F_, H, W)
+        return out.reshape(B, C, F_, H, W).to(x.dtype)  # the samplers keep latents in x's dtype (fp32)
 
-    def new_cache(self, batch, height, width, sink=1, window=64, device=None, dtype=torch.float32):
-        """A KV cache for latents of (height, width); sink + window in latent frames; text K/V kept inside."""
+    def new_cache(self, batch, height, width, sink=1, window=64, device=None, dtype=None):
+        """A KV cache for latents of (height, width); sink + window in latent frames; dtype: the model's."""
+        dtype = dtype or self.img_in.proj.weight.dtype
         tpf = (height // self.cfg.patch_size[1]) * (width // self.cfg.patch_size[2])
-        return TextKVCache(self.cfg, batch, tpf, sink, window, device=device, dtype=dtype)
+        return MMKVCache(self.cfg, batch, tpf, sink, window, device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -222,8 +222,79 @@ def test_cache_rollout_equals_teacher_forcing_text_kv_once(mode, action, prope_t
         assert (torch.cat(outs, 2) - tf).abs().max() < 1e-4
         assert len(calls) == 2  # once for teacher forcing, once for the whole 6-call rollout
         assert (net(noisy, t, ctx, cams, cond) - tf).abs().max() > 1e-2  # the causal mask is not a no-op
-        with pytest.raises(ValueError, match="another text"):
-            net(noisy[:, :, :2], t[:, :2], ctx + 1, cams.frames(0, 2), cond[:, :, :2], cache=cache, frame_offset=6)
+        other = ctx + 1  # another text: its K/V replace the cached ones
+        net(noisy[:, :, :2], t[:, :2], other, cams.frames(0, 2), cond[:, :, :2], cache=cache, frame_offset=6)
+        assert len(calls) == 4 and cache.text[0][0] is other
+
+
+def test_windowed_rollout_equals_windowed_teacher_forcing():
+    """Past the window the ring evicts the oldest frames; the actions still see the frame before each chunk."""
+    net = wake(tiny("branch", True, True, seed=4))
+    B, F_, sink, window = 1, 12, 1, 3  # 6 chunks of 2 frames: the ring fills and wraps
+    g = torch.Generator().manual_seed(2)
+    clean, noisy = torch.randn(B, 4, F_, 4, 4, generator=g), torch.randn(B, 4, F_, 4, 4, generator=g)
+    ctx, cams = torch.randn(B, 3, 8, generator=g), random_cameras(B, F_, g)
+    cond = M.image_cond(clean[:, :, 0], F_)
+    t = torch.rand(B, F_ // 2, generator=g).repeat_interleave(2, 1) * 1000
+    with torch.no_grad():
+        tf = net(noisy, t, ctx, cams, cond, clean=clean, sink=sink, window=window)
+        cache = net.new_cache(B, 4, 4, sink=sink, window=window)
+        outs = []
+        for s in range(0, F_, 2):
+            sl, c = slice(s, s + 2), cams.frames(s, s + 2)
+            outs.append(net(noisy[:, :, sl], t[:, sl], ctx, c, cond[:, :, sl], cache=cache, frame_offset=s))
+            net(clean[:, :, sl], torch.zeros(B, 2), ctx, c, cond[:, :, sl], cache=cache, frame_offset=s, commit=True)
+        assert (torch.cat(outs, 2) - tf).abs().max() < 1e-4
+        assert (net(noisy, t, ctx, cams, cond, clean=clean) - tf).abs().max() > 1e-3  # the window cuts context
+
+
+def test_flex_mask_and_activation_checkpointing_match_the_dense_path():
+    import warnings
+    net = wake(tiny("branch", True, True, seed=5))  # the branch attends with and without the text columns
+    B, F_ = 2, 6
+    g = torch.Generator().manual_seed(3)
+    clean, noisy = torch.randn(B, 4, F_, 4, 4, generator=g), torch.randn(B, 4, F_, 4, 4, generator=g)
+    ctx, cams, t = torch.randn(B, 3, 8, generator=g), random_cameras(B, F_, g), torch.rand(B, F_, generator=g) * 1000
+    cond = M.image_cond(clean[:, :, 0], F_)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs uncompiled on the CPU
+        for sink, window in ((0, None), (1, 2)):
+            out = []
+            for flex in (False, True):
+                net.flex = flex
+                out.append(net(noisy, t, ctx, cams, cond, clean=clean, sink=sink, window=window))
+            assert (out[0] - out[1]).abs().max() < 1e-5
+    net.flex = None
+    block = mmdit.teacher_forcing_text_block_mask(F_, 2, 4, 3, torch.device("cpu"), 1, 2)
+    q, k = torch.arange(2 * F_ * 4), torch.arange(2 * F_ * 4 + 3)
+    dense = M.teacher_forcing_mask(F_, 2, 4, None, 1, 2)
+    assert torch.equal(block.mask_mod(0, 0, q[:, None], k[None, :]), torch.cat([dense, torch.ones(len(dense), 3)], 1).bool())
+    for kw in (dict(clean=clean), dict()):  # teacher forcing and bidirectional
+        grads = []
+        for ckpt in (False, True):
+            net.zero_grad()
+            net.grad_ckpt = ckpt
+            net(noisy, t, ctx, cams, cond, **kw).pow(2).mean().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+        assert grads[0].abs().max() > 0 and grads[0].shape == grads[1].shape
+        assert (grads[0] - grads[1]).abs().max() < 1e-6
+
+
+def test_bf16_parameters_close_to_fp32():
+    net = tiny("branch", True, True, seed=8)
+    half = tiny("branch", True, True, seed=8).to(torch.bfloat16)
+    B, F_ = 2, 4
+    g = torch.Generator().manual_seed(6)
+    x, ctx, cams = torch.randn(B, 4, F_, 4, 4, generator=g), torch.randn(B, 3, 8, generator=g), random_cameras(B, F_, g)
+    cond, t = M.image_cond(x[:, :, 0], F_), torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        for kw in (dict(), dict(clean=x)):
+            a, b = net(x, t, ctx, cams, cond, **kw), half(x, t, ctx, cams, cond, **kw)
+            assert b.dtype == torch.float32 and (a - b).abs().mean() < 0.02 * a.abs().mean()
+        few = M.few_step_sigmas()
+        s1 = M.sample_ar(net, x, ctx, cams, cond, few, renoise=True, generator=torch.Generator().manual_seed(0))
+        s2 = M.sample_ar(half, x, ctx, cams, cond, few, renoise=True, generator=torch.Generator().manual_seed(0))
+        assert (s1 - s2).abs().mean() < 0.02 * s1.abs().mean()
 
 
 def test_action_labels_follow_worldplay(tmp_path):
