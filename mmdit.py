@@ -437,6 +437,10 @@ class MMKVCache(M.KVCache):
         super().__init__(*args, **kwargs)
         self.last_w2c = None  # (B, 4, 4)
 
+    def reset(self):
+        super().reset()
+        self.last_w2c = None
+
 
 @functools.lru_cache(maxsize=16)
 def teacher_forcing_text_block_mask(frames, chunk, tokens_per_frame, text_len, device, sink=0, window=None):

@@ -225,6 +225,8 @@ def test_cache_rollout_equals_teacher_forcing_text_kv_once(mode, action, prope_t
         other = ctx + 1  # another text: its K/V replace the cached ones
         net(noisy[:, :, :2], t[:, :2], other, cams.frames(0, 2), cond[:, :, :2], cache=cache, frame_offset=6)
         assert len(calls) == 4 and cache.text[0][0] is other
+        cache.reset()  # a new rollout: no text, no frames, no previous camera
+        assert cache.text[0] is None and cache.filled == 0 and cache.last_w2c is None
 
 
 def test_windowed_rollout_equals_windowed_teacher_forcing():
