@@ -1,5 +1,5 @@
 """
-The plumbing every minWM stage shares, and nothing else: `--key=value` flags, DDP set-up, seeding,
+The plumbing every minWM stage shares, and nothing else: `--key=value` flags, DDP / FSDP set-up, seeding,
 logging, atomic checkpoint IO, and the few lines of training bookkeeping that every stage's loop
 ends with (`end_of_step`). It knows nothing about the model, the data or the metric; reports,
 tables and plots live in `metric.py`.
@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
+from torch.distributed.tensor import DTensor, distribute_tensor
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -174,6 +175,8 @@ class StageConfig:
     device: str = ""  # "" = cuda if available, else cpu
     grad_ckpt: bool = False  # activation checkpointing per block: long clips at scale fit in memory
     compile: bool = False  # torch.compile the model that trains (CUDA)
+    fsdp: bool = False  # shard weights, gradients and Adam state over the processes (torch's fully_shard)
+    #                     instead of DDP's full copy on each: for models (the 8B MMDiT) that do not fit one GPU
 
 # the smoke size every stage's --quick starts from
 QUICK = dict(frames=4, height=16, width=16, batch_size=2, max_steps=6, warmup=2, eval_every=6, eval_clips=2,
@@ -240,10 +243,53 @@ def start(cfg):
     return rank, local_rank, world, device, stem
 
 def ddp(model, world, local_rank, device):
-    """The model wrapped in DistributedDataParallel when several processes train, else itself."""
+    """The model wrapped in DistributedDataParallel when several processes train, else itself.
+
+    A model whose forward leaves some parameters without a gradient says so (`unused_parameters = True`:
+    the MMDiT's last text block, whose output nothing reads) and DDP then looks for them every step."""
     if world == 1:
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                                     find_unused_parameters=getattr(model, "unused_parameters", False))
+
+def shard(model, device):
+    """FSDP: torch's `fully_shard` over all processes, in place. Every element of every nn.ModuleList (the
+    repeated blocks) becomes one unit and the rest goes with the root; each parameter becomes a DTensor
+    holding 1/world of the tensor. The forward all-gathers a unit's weights just before it runs and frees
+    them after, the backward reduce-scatters (averages) its gradients, so Adam's state exists only for the
+    shards. torchrun launches it as it launches DDP; checkpoints are gathered whole (save_checkpoint)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    with torch.no_grad():  # rank 0's weights everywhere, as DDP does (ranks seed differently: seed_everything)
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
+    units = [block for m in model.modules() if isinstance(m, torch.nn.ModuleList) for block in m]
+    for block in reversed(units):  # innermost first: fully_shard wants children before their parents
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+def is_sharded(state):
+    """True when a module's (or state dict's) tensors are FSDP shards (DTensors)."""
+    values = unwrap(state).parameters() if isinstance(state, torch.nn.Module) else state.values()
+    return any(isinstance(v, DTensor) for v in values)
+
+def _whole(x):
+    """The whole tensor of an FSDP shard (an all-gather: every rank must call it, in the same order)."""
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+def _cut_like(full, ref):
+    """A whole tensor (read by every rank) cut to ref's shard when ref is an FSDP DTensor, else itself."""
+    if isinstance(ref, DTensor):
+        return distribute_tensor(full.to(device=ref.device, dtype=ref.dtype), ref.device_mesh, ref.placements)
+    return full
+
+def load_weights(model, state):
+    """model.load_state_dict(state) for a whole state dict, also into an FSDP-sharded model."""
+    model = unwrap(model)
+    own = model.state_dict()
+    model.load_state_dict({k: _cut_like(v, own[k]) if k in own else v for k, v in state.items()})
 
 def cleanup_ddp():
     """Tear down the process group if one was started."""
@@ -360,11 +406,15 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 def _prepare(state, dtype, prefix=""):
-    """CPU, contiguous, optionally cast, and never two tensors on one storage (safetensors refuses)."""
+    """CPU, contiguous, optionally cast, and never two tensors on one storage (safetensors refuses).
+    FSDP shards are gathered whole, one tensor at a time; only rank 0 keeps them (others get {})."""
     state = unwrap(state).state_dict() if isinstance(state, torch.nn.Module) else state
     out, seen = {}, set()
     for k, v in state.items():
-        t = v.detach().cpu()
+        t = _whole(v.detach())
+        if not is_main():
+            continue
+        t = t.cpu()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         t = t.contiguous()
@@ -379,21 +429,25 @@ def save_checkpoint(stem, state_dict, *, config, stage, step, parent=None, model
                     ema_state=None, optimizer=None, extra=None, dtype=None):
     """Write stem.safetensors (+ `ema.` copy), stem.json and, with an optimizer, stem.opt.pt.
 
-    Rank 0 only (other ranks return at once). Order: optimizer, weights, JSON; each file is
+    Rank 0 writes (other ranks return at once). Order: optimizer, weights, JSON; each file is
     atomic, and all three record `step`, which load_checkpoint checks, so a save cut off halfway
-    is caught at load. optimizer may be one optimizer or a dict of them (e.g. DMD's two)."""
-    if not is_main():
+    is caught at load. optimizer may be one optimizer or a dict of them (e.g. DMD's two).
+    FSDP-sharded weights are gathered first, on every rank (a collective), into the same files as DDP's."""
+    if not is_main() and not is_sharded(state_dict):
         return
-    stem = stem_of(stem)
-    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     if isinstance(dtype, str):  # "fp16", "bf16", "fp32" or a torch name like "bfloat16"
         dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype))
     tensors = _prepare(state_dict, dtype)
     if ema_state is not None:
         tensors.update(_prepare(ema_state, dtype, prefix="ema."))
     if optimizer is not None:
-        opt = optimizer.state_dict() if hasattr(optimizer, "state_dict") else {
-            k: o.state_dict() for k, o in optimizer.items()}
+        opt = _optimizer_state(optimizer) if hasattr(optimizer, "state_dict") else {
+            k: _optimizer_state(o) for k, o in optimizer.items()}
+    if not is_main():
+        return
+    stem = stem_of(stem)
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    if optimizer is not None:
         keys, pos, has_gauss, gauss = np.random.get_state()[1:]
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "numpy": [keys.tolist(), int(pos), int(has_gauss), float(gauss)],
@@ -418,6 +472,23 @@ def weights_header(stage, step, model_config):
     if model_config is not None:
         header["model"] = json.dumps(_jsonable(model_config))
     return header
+
+def _optimizer_state(optimizer):
+    """optimizer.state_dict() with FSDP-sharded state (Adam's moments) gathered whole: DDP's format."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: _whole(v) for k, v in st.items()} for i, st in sd["state"].items()}
+    return sd
+
+def _optimizer_state_like(sd, optimizer):
+    """A saved (whole-tensor) optimizer state dict, its tensors cut to the shards of optimizer's parameters."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in sd["param_groups"] for i in group["params"]]
+    if len(ids) != len(params) or not any(isinstance(p, DTensor) for p in params):
+        return sd  # (a size mismatch is the optimizer's own load_state_dict error to report)
+    by_id = dict(zip(ids, params))
+    state = {i: {k: _cut_like(v, by_id[i]) if torch.is_tensor(v) and v.shape == by_id[i].shape else v
+                 for k, v in st.items()} for i, st in sd["state"].items()}
+    return {**sd, "state": state}
 
 def load_checkpoint(path, device="cpu", load_opt=True):
     """Read x / x.safetensors / x.json -> dict(state, ema (None if absent), meta, opt (None if absent)).
@@ -461,10 +532,10 @@ def restore_training_state(ckpt, optimizer, rank=0):
     if opt is None:
         raise ValueError("checkpoint has no optimizer state (.opt.pt) to resume from")
     if hasattr(optimizer, "load_state_dict"):
-        optimizer.load_state_dict(opt["optimizer"])
+        optimizer.load_state_dict(_optimizer_state_like(opt["optimizer"], optimizer))
     else:
         for k, o in optimizer.items():
-            o.load_state_dict(opt["optimizer"][k])
+            o.load_state_dict(_optimizer_state_like(opt["optimizer"][k], o))
     rng = opt["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
@@ -492,9 +563,9 @@ def resume(stem, model, ema=None, optimizer=None, rank=0):
     missing, unexpected = [k for k in own if k not in ck["state"]], [k for k in ck["state"] if k not in own]
     if missing or unexpected:
         die(f"{stem}: checkpoint does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    unwrap(model).load_state_dict(ck["state"])
+    load_weights(model, ck["state"])
     if ema is not None:
-        ema.load_state_dict(ck["ema"] or ck["state"])
+        load_weights(ema, ck["ema"] or ck["state"])
     if optimizer is not None and ck["opt"] is None:
         die(f"cannot resume {stem} exactly: {stem_of(stem)}.opt.pt (optimizer and RNG state) is missing; "
             f"--overwrite starts the run over")
@@ -505,12 +576,21 @@ def resume(stem, model, ema=None, optimizer=None, rank=0):
 def setup_training(cfg, net, stem, rank, world, local_rank, device):
     """What a stage trains with: (ema, optimizer, first_step, model). The EMA starts as a frozen copy of
     net, first_step comes from --resume (0 for a fresh run), and model is net wrapped for DDP when
-    several processes train (call model in the loss; save and EMA the raw net)."""
+    several processes train (call model in the loss; save and EMA the raw net).
+
+    --fsdp: net and the EMA are sharded in place (`shard`) before the optimizer is built on the shards;
+    model is net itself. Resuming reads the same whole-tensor files and cuts them to the shards."""
     ema = frozen_copy(net)
+    sharded = getattr(cfg, "fsdp", False) and world > 1
+    if getattr(cfg, "fsdp", False) and not sharded:
+        log("--fsdp with one process: nothing to shard, training unsharded")
+    if sharded:
+        shard(net, device)
+        shard(ema, device)
     optimizer = adamw(net.parameters(), cfg)
     first_step = resume(stem, net, ema, optimizer, rank) if cfg.resume else 0
     net.grad_ckpt = cfg.grad_ckpt
-    model = ddp(net, world, local_rank, device)
+    model = net if sharded else ddp(net, world, local_rank, device)
     return ema, optimizer, first_step, torch.compile(model) if cfg.compile else model
 
 def ship(src, dst, dtype="fp16"):
@@ -573,7 +653,7 @@ def optimizer_step(loss, optimizer, model, cfg, step, ema=None, average_grads=Fa
     loss.backward()
     if average_grads:
         all_reduce_grads(model)
-    norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), cfg.grad_clip)
+    norm = _whole(torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), cfg.grad_clip))  # (FSDP: a DTensor)
     optimizer.step()
     if ema is not None:
         update_ema(ema, model, 0.0 if step < cfg.ema_warmup else cfg.ema)

@@ -77,8 +77,9 @@ def eval_clips(n, frames, height, width, text_dim, text_len, seed=0):
 
 def stage_clips(cfg, model_cfg, rank):
     """A training stage's held-out clips (its frames, size and text length), or None where nothing is
-    measured: on ranks other than 0, and on real data (no exact truth to compare with)."""
-    if rank != 0 or cfg.data:
+    measured: on ranks other than 0, on real data (no exact truth to compare with), and under --fsdp (the
+    metric runs on rank 0 alone, and a sharded model's forward needs every rank: measure the checkpoint)."""
+    if rank != 0 or cfg.data or getattr(cfg, "fsdp", False):
         return None
     return eval_clips(cfg.eval_clips, cfg.frames, cfg.height, cfg.width, model_cfg.text_dim, cfg.text_len)
 

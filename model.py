@@ -9,7 +9,9 @@ Read top to bottom:
        cached rollout  - a chunk attends to a preallocated per-layer KV cache (sink + local window) (infer, DMD)
   4. the Wan block (adaLN-zero style 6-way modulation, self-attn + cross-attn + FFN) and the DiT
   5. the flow-matching schedule and the samplers (bidirectional Euler, chunked AR rollout)
-  6. checkpoint loading: Wan original / diffusers layouts, shards, minWM checkpoints, CausVid-lineage .pt
+  6. checkpoint loading: Wan original / diffusers layouts, shards, minWM checkpoints, CausVid-lineage .pt;
+     HunyuanVideo-1.5 / HY-WorldPlay files go to the MMDiT in mmdit.py (the second backbone, which
+     imports the attention, cache, RoPE, PRoPE and schedule from here)
 
 Parameter names follow the ORIGINAL Wan layout (`blocks.0.self_attn.q.weight`), so Wan, CausVid,
 Self-Forcing and minWM checkpoints load without renaming; diffusers names are converted on load.
@@ -89,9 +91,19 @@ PRESETS = {
 
 
 def make_config(preset="tiny", **overrides):
+    """A preset's config: a ModelConfig here, or an mmdit.MMDiTConfig for the MMDiT presets (mmdit.py)."""
+    import mmdit  # a sibling that imports this file, hence imported late
+    if preset in mmdit.PRESETS:
+        return mmdit.make_config(preset, **overrides)
     if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
+        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS) + sorted(mmdit.PRESETS)}")
     return ModelConfig(**{**PRESETS[preset], **overrides})
+
+
+def build(cfg):
+    """The network a config describes: the Wan DiT, or the MMDiT for an mmdit.MMDiTConfig."""
+    import mmdit
+    return mmdit.MMDiT(cfg) if isinstance(cfg, mmdit.MMDiTConfig) else DiT(cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,13 +124,14 @@ def rope_split(d):
     return d - 2 * h, h, h
 
 
-def rope_tables(d, frames, h, w, theta, device):
+def rope_tables(d, frames, h, w, theta, device, split=None):
     """cos, sin of 3D RoPE for the token grid (frames x h x w); frames: (F,) absolute frame positions.
 
+    split: channels per axis (t, h, w), default Wan's rope_split(d) (the MMDiT passes HY's 16/56/56).
     Returns two (F*h*w, d//2) tensors: one angle per interleaved channel pair.
     """
     parts = []
-    for dim_i, pos in zip(rope_split(d), (frames.double(), torch.arange(h, device=device).double(),
+    for dim_i, pos in zip(split or rope_split(d), (frames.double(), torch.arange(h, device=device).double(),
                                           torch.arange(w, device=device).double())):
         inv = 1.0 / theta ** (torch.arange(0, dim_i, 2, dtype=torch.float64, device=device) / dim_i)
         parts.append(torch.outer(pos, inv))  # (n, dim_i // 2)
@@ -683,7 +696,6 @@ _DIFFUSERS_TO_WAN = [
 
 # key fragments of other architectures, so a wrong file is refused in one line
 _OTHER_ARCHS = [
-    ("double_blocks.", "a HunyuanVideo-1.5 / HY-WorldPlay MMDiT checkpoint (double_blocks.*)"),
     ("transformer_blocks.", "a diffusers transformer of another family (transformer_blocks.*)"),
     ("encoder.block.", "a T5 / UMT5 text encoder"),
     ("decoder.conv_in.", "a VAE"),
@@ -838,6 +850,7 @@ def load_pretrained(path, use_ema=True, device="cpu", model_config=None, **overr
     writes it into every file), NAME.json beside them, a diffusers config.json, or the shapes of a Wan
     release; model_config (a --model_config JSON file) supplies it for weights that carry none.
     overrides: ModelConfig fields, e.g. prope="branch" to add a zero-initialized PRoPE branch to a base model.
+    A HunyuanVideo-1.5 or HY-WorldPlay file (original or diffusers names) gives an mmdit.MMDiT.
     """
     sd, cfg_json, kind = _read_weights(str(path))
     if model_config and kind != "minwm":
@@ -849,6 +862,9 @@ def load_pretrained(path, use_ema=True, device="cpu", model_config=None, **overr
     for prefix in ("model.diffusion_model.", "_fsdp_wrapped_module.", "module.", "model."):
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
+    import mmdit  # HunyuanVideo-1.5 / HY-WorldPlay (original or diffusers names) -> the MMDiT
+    if mmdit.is_mmdit(sd):
+        return mmdit.from_state_dict(sd, cfg_json, kind, str(path), dict(overrides)).to(device)
     if "blocks.0.attn1.to_q.weight" in sd:
         sd = diffusers_to_wan(sd)
     if "blocks.0.self_attn.q.weight" not in sd or "patch_embedding.weight" not in sd:

@@ -9,10 +9,12 @@
 #   bash pipeline.sh --ship          also copy each trained checkpoint (EMA, fp16) into assets/
 #   bash pipeline.sh --overwrite     start over in an out_dir that holds checkpoints (else each stage refuses)
 #   bash pipeline.sh --resume        continue the stages from their last saves
+#   bash pipeline.sh --preset=tiny-mmdit --out_dir=out_mmdit    the same chain on another model preset
+#                                    (Phase 1 builds it; every later stage reads it from the checkpoint)
 # Outputs go to --out_dir (default out/, out_quick/ with --quick); the results table to OUT/results.md.
 set -euo pipefail
 cd "$(dirname "$0")"
-QUICK="" OUT="" FROM=bidir DISTILL=ode SHIP="" AGAIN=""
+QUICK="" OUT="" FROM=bidir DISTILL=ode SHIP="" AGAIN="" PRESET=()
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=--quick ;;
@@ -20,6 +22,7 @@ for arg in "$@"; do
     --ship) SHIP=1 ;;
     --overwrite|--resume) AGAIN="$arg" ;;
     --from=*) FROM="${arg#--from=}" ;;
+    --preset=*) PRESET=("$arg") ;;
     --out_dir=*) OUT="${arg#--out_dir=}" ;;
     *) echo "error: unknown option $arg (see the header of pipeline.sh)" >&2; exit 2 ;;
   esac
@@ -37,7 +40,7 @@ for stage in "${STAGES[@]}"; do
   [ "$stage" = "$FROM" ] && started=1
   [ -z "$started" ] && continue
   case "$stage" in
-    bidir) args=() ;;
+    bidir) args=(${PRESET[@]+"${PRESET[@]}"}) ;;
     ar) args=(--ckpt="$(ckpt bidir)") ;;
     ode|cd) args=(--ckpt="$(ckpt ar)") ;;
     dmd) args=(--ckpt="$(ckpt "$DISTILL")" --teacher="$(ckpt bidir)") ;;

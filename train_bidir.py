@@ -8,6 +8,8 @@ preset (inline PRoPE: projective and RoPE channels share one attention).
     python train_bidir.py                          # tiny model on the procedural world (CPU, ~45 min)
     python train_bidir.py --quick                  # smoke size
     torchrun --nproc_per_node=8 train_bidir.py --init=Wan2.1-T2V-1.3B/ --data=cache/ --preset=wan2.1-t2v-1.3b
+    python train_bidir.py --preset=tiny-mmdit       # the HunyuanVideo-1.5-style MMDiT (mmdit.py) on the same world
+    torchrun --nproc_per_node=8 train_bidir.py --init=HunyuanVideo-1.5/transformer/ --data=cache/ --fsdp
 """
 import time
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ import model as M
 
 @dataclass
 class Config(common.StageConfig):
-    preset: str = "tiny"  # model preset (model.PRESETS)
+    preset: str = "tiny"  # model preset: model.PRESETS (Wan DiT) or mmdit.PRESETS (MMDiT, e.g. tiny-mmdit)
     init: str = ""  # base weights for model.load_pretrained; "" = from scratch
     prope: str = "inline"  # inline (from scratch) | branch (fine-tuning a base) | none (camera-free base)
     name: str = "bidir"
@@ -55,7 +57,7 @@ def main():
         branch = "branch" if cfg.prope == "inline" else cfg.prope  # inline PRoPE is for models trained from scratch
         net = M.enable_image_cond(common.or_die(M.load_pretrained, cfg.init, model_config=cfg.model_config, prope=branch))
     else:
-        net = M.DiT(M.make_config(cfg.preset, prope=cfg.prope))
+        net = common.or_die(lambda: M.build(M.make_config(cfg.preset, prope=cfg.prope)))  # the preset picks the class
     net.to(device)
     codec, source = data.training_source(cfg, net.cfg)
     ema, opt, first_step, model = common.setup_training(cfg, net, stem, rank, world, local_rank, device)

@@ -97,6 +97,8 @@ def dmd_loss(x_g, real, fake, text, cams, cond, sigma, noise, guidance=1.0):
 def main():
     cfg = common.parse_config(Config, quick=QUICK)
     rank, local_rank, world, device, stem = common.start(cfg)
+    if cfg.fsdp:  # three models, several forwards per backward: sharded DMD is not written yet
+        common.die("--fsdp: train_dmd.py does not shard yet; run it with DDP (plain torchrun)")
     student = common.or_die(M.load_pretrained, cfg.ckpt, model_config=cfg.model_config).to(device).train()
     real = common.frozen(common.or_die(M.load_pretrained, cfg.teacher, model_config=cfg.model_config).to(device))
     if real.cfg.out_channels != student.cfg.out_channels or real.cfg.prope != student.cfg.prope:

@@ -9,10 +9,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(args, stdin=None, torchrun=False, timeout=600):
-    """Run a repository script as a user would (one thread, from the repository root)."""
+def run(args, stdin=None, torchrun=False, timeout=600, port=29533):
+    """Run a repository script as a user would (one thread, from the repository root); torchrun: 2 processes
+    (tests that launch torchrun use distinct ports, so that two test files may run at once)."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
            if torchrun else [sys.executable]) + args
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, input=stdin)
 

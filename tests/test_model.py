@@ -268,7 +268,6 @@ def test_cache_sliding_window_keeps_memory_flat():
         for s in range(0, 20, 2):
             net(x, torch.zeros(1), ctx, cams.frames(s, s + 2), cache=cache, frame_offset=s, commit=True)
     assert sum(t.numel() for layer in cache.kv for t in layer) == size
-    tpf = 4  # 4x4 latents, patch 2
     assert cache.frames_written == 20 and cache.filled == 1 + 3
 
 
