@@ -260,7 +260,11 @@ def bench_tiny(cfg, device):
 
 def main():
     cfg = common.parse_config(Config, quick=dict(repeats=2, long_frames=16))
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = common.device_of(cfg.device)
+    if cfg.preset not in ("tiny", "wan2.1-t2v-1.3b"):
+        common.die(f"--preset={cfg.preset}: bench.py measures tiny or wan2.1-t2v-1.3b")
+    if cfg.repeats < 1 or cfg.batch_size < 1 or cfg.frames < 2 or cfg.long_frames < 4:
+        common.die("--repeats and --batch_size must be >= 1, --frames >= 2, --long_frames >= 4")
     rows, numbers = (bench_tiny if cfg.preset == "tiny" else bench_scale)(cfg, device)
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {cfg.preset}")

@@ -8,7 +8,7 @@ K = [fx/W, fy/H, cx/W, cy/H]. `load_cameras` reads four sources:
   JSON v1        {"convention": "opencv", "pose": "w2c" | "c2w", "width", "height", "fps",
                   "frames": [{"K_norm": [4] or "K": 3x3 pixels (needs width/height), "w2c" | "c2w": 4x4}]}
   HY-WorldPlay   {"0": {"extrinsic": 4x4 c2w, "K": 3x3 pixels}, "1": ...}, one entry per latent frame;
-                 the frame size comes from width=/height= or is inferred as W = 2·cx, H = 2·cy.
+                 K is in the pixels of the file's own video, whose size is inferred as W = 2·cx, H = 2·cy.
   RealEstate10K  a URL line, then `timestamp fx fy cx cy k1 k2 <3x4 w2c row-major>` per frame
                  (fx..cy already normalized; k1 k2 ignored).
   action string  "w*8,j*4,d*2": one step per latent frame, N steps give N + 1 frames, frame 0 = identity.
@@ -111,7 +111,10 @@ def mirror_cameras(cameras):
     return Cameras(M @ cameras.w2c @ M, cameras.K.clone())
 
 
-def parse_actions(actions, max_steps=None):
+MAX_STEPS = 100_000  # action steps in one string: hours of video at 16 fps, and a bound on memory
+
+
+def parse_actions(actions, max_steps=MAX_STEPS):
     """"w*2,dl" -> ["w", "w", "dl"]: the letters acting in each step (at most max_steps, checked
     before the list is built, so "w*999999999" from a browser costs nothing)."""
     if not actions.strip():
@@ -126,7 +129,7 @@ def parse_actions(actions, max_steps=None):
         for ch in letters:
             if ch not in ACTIONS:
                 raise ValueError(f"{where}: unknown action letter {ch!r} (known: {ACTIONS})")
-        if star and not (count.isdigit() and int(count) > 0):
+        if star and not (count.isascii() and count.isdigit() and int(count) > 0):  # "²".isdigit() is True
             raise ValueError(f"{where}: repeat count must be a positive integer, got {count!r}")
         n_new = int(count) if star else 1
         if max_steps is not None and len(steps) + n_new > max_steps:
@@ -200,6 +203,9 @@ def _numbers(value, where, shape):
     return arr
 
 
+MAX_TRANSLATION = 1e4  # metres (or units of a normalized clip): beyond it a pose is a unit error or garbage
+
+
 def _check_pose(T, where):
     if np.abs(T[3] - [0, 0, 0, 1]).max() > 1e-6:
         raise ValueError(f"{where}: last row must be [0, 0, 0, 1], got {T[3].tolist()}")
@@ -209,12 +215,21 @@ def _check_pose(T, where):
         raise ValueError(f"{where}: rotation is not orthonormal (|RᵀR - I| = {err:.2g})")
     if np.linalg.det(R) < 0:
         raise ValueError(f"{where}: rotation has det -1 (a reflection, not a rotation)")
+    if np.abs(T[:3, 3]).max() > MAX_TRANSLATION:
+        raise ValueError(f"{where}: translation {np.abs(T[:3, 3]).max():.3g} is beyond {MAX_TRANSLATION:g} "
+                         f"(a unit error?)")
     return T
 
 
 def _check_K(k, where):
-    if k[0] <= 0 or k[1] <= 0:
-        raise ValueError(f"{where}: focal length must be positive, got fx={k[0]:.4g}, fy={k[1]:.4g}")
+    """Normalized intrinsics [fx, fy, cx, cy]: a field of view between about 0.1° and 179°, a principal
+    point inside the frame; anything else gives black or meaningless frames, so it is refused."""
+    if not (0.003 <= k[0] <= 500 and 0.003 <= k[1] <= 500):
+        raise ValueError(f"{where}: focal length must be positive and sane (0.003..500 of the frame size), "
+                         f"got fx={k[0]:.4g}, fy={k[1]:.4g}")
+    if not (0 <= k[2] <= 1 and 0 <= k[3] <= 1):
+        raise ValueError(f"{where}: principal point must lie in the frame (0..1 of its size), got cx={k[2]:.4g}, "
+                         f"cy={k[3]:.4g}")
     return k
 
 
@@ -276,7 +291,9 @@ def _load_worldplay(doc, name, width, height):
         c2w = _check_pose(_numbers(entry["extrinsic"], f"{where}.extrinsic", (4, 4)), f"{where}.extrinsic")
         w2c.append(rigid_inverse(c2w))
         Kpix = _numbers(entry["K"], f"{where}.K", (3, 3))
-        W, H = width or 2 * Kpix[0, 2], height or 2 * Kpix[1, 2]  # no size in the file: a centred principal point
+        # the file names no frame size and its K is in the pixels of the video it came with, whatever
+        # size we generate at: that video's size, from a centred principal point
+        W, H = 2 * Kpix[0, 2], 2 * Kpix[1, 2]
         if W <= 0 or H <= 0:
             raise ValueError(f"{where}.K: principal point must be positive to infer the frame size")
         K.append(_check_K(_pixel_K(Kpix, W, H), f"{where}.K"))
@@ -313,11 +330,16 @@ def load_cameras(src, trans_step=0.25, rot_step=5.0, width=None, height=None, sc
     scale: None (the format's default, see `normalize_scale`), "metric" or "per_clip".
     """
     s = str(src)
+    if os.path.isdir(s):
+        raise ValueError(f"{s}: is a folder, not a camera file or an action string")
     if isinstance(src, Path) or s.endswith((".json", ".txt")) or os.path.isfile(s):
         path = Path(s)
         if not path.is_file():
             raise ValueError(f"{path.name}: file not found ({path})")
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a text camera file (binary content)") from None
         if not text.strip():
             raise ValueError(f"{path.name}: file is empty")
         if path.suffix == ".json" or text.lstrip().startswith("{"):
@@ -331,6 +353,11 @@ def load_cameras(src, trans_step=0.25, rot_step=5.0, width=None, height=None, sc
                 return normalize_scale(_load_worldplay(doc, path.name, width, height), scale or "per_clip")
             return normalize_scale(_load_v1(doc, path.name, width, height), scale or "metric")
         return normalize_scale(_load_re10k(text, path.name), scale or "per_clip")
+    for name, value in (("trans_step", trans_step), ("rot_step", rot_step), ("pitch0", pitch0)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+    if not 0 <= trans_step <= 100 or not 0 <= abs(rot_step) <= 180:
+        raise ValueError(f"step sizes out of range: trans_step {trans_step} (0..100 m), rot_step {rot_step} (0..180°)")
     cameras = actions_to_cameras(s, trans_step, rot_step, width or 1, height or 1, pitch0)
     return normalize_scale(cameras, scale or "metric")
 

@@ -184,13 +184,30 @@ QUICK = dict(frames=4, height=16, width=16, batch_size=2, max_steps=6, warmup=2,
 
 # ----------------------------------------------------------------------------- DDP and seeding
 
+def device_of(name):
+    """--device: "" (cuda if there is one, else cpu), cpu, cuda or cuda:N; a device that does not exist
+    here stops with one line instead of a traceback at the first tensor."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        die(f"--device={name}: not a device (use cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        die(f"--device={name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device={name}: this machine has no CUDA GPU (torch {torch.__version__})")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        die(f"--device={name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
 def setup_ddp(device=None):
     """Read torchrun's env; init the process group only when WORLD_SIZE > 1 (torn down at exit).
     Returns (rank, local_rank, world_size, device); device defaults to cuda:LOCAL_RANK if any, else cpu."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_of(device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -340,23 +357,26 @@ def seed_everything(seed, rank=0):
 # ----------------------------------------------------------------------------- logging
 
 _log_file = None
+_log_live = False  # set by the first log() line: an error before it (bad flags, a bad checkpoint) is not the run's
 
 def set_log_file(path):
-    """Also append every log() line to path (rank 0 only); None turns it off."""
-    global _log_file
-    _log_file = path
+    """Also append every log() line (and, once the run has logged, its error line) to path (rank 0 only)."""
+    global _log_file, _log_live
+    _log_file, _log_live = path, False
     if path and is_main():
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 
 def log(msg):
     """Print on rank 0 without breaking a tqdm bar; also append to the log file if set."""
+    global _log_live
     if not is_main():
         return
     tqdm.write(str(msg))
+    _log_live = True
     _append_log(msg)
 
 def _append_log(line):  # one open per line: nothing is lost if the run is killed
-    if _log_file and is_main():
+    if _log_file and _log_live and is_main():
         with open(_log_file, "a") as f:
             f.write(f"{line}\n")
 

@@ -15,6 +15,7 @@ frame index) made by `open_stream` and advanced by `Stream.step(cameras) -> fram
 steps the same object from a browser's keys, so a played game equals `--actions` of its steps.
 """
 import json
+import math
 import os
 import resource
 import sys
@@ -55,6 +56,40 @@ class StreamConfig:
     fps: int = 8
     seed: int = 0
     device: str = ""
+    threads: int = 0  # torch CPU threads; 0 = 1 for a small model (a second thread buys it nothing, and
+    #                   on a busy machine two threads can be many times slower), torch's default otherwise
+    model_config: str = ""  # for a --ckpt that carries no config: a checkpoint's JSON or ModelConfig fields
+
+
+MAX_SIDE = 2048  # pixels: the procedural world ray casts 4 rays per pixel; larger frames exhaust memory
+MAX_GIF_FRAMES = 256  # a GIF is held in memory until it is written: longer streams keep their first frames
+SMALL_MODEL = 50e6  # parameters: below it a CPU rollout runs on one thread
+
+
+def check_stream_config(cfg):
+    """Refuse, in one line each, settings that cannot give a meaningful video (before loading anything)."""
+    checks = [
+        (cfg.sampler in ("few", "euler"), f"--sampler must be few or euler, got {cfg.sampler!r}"),
+        (cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}"),
+        (len(cfg.timesteps) >= 1, "--timesteps must list at least one timestep, e.g. 1000,750,500,250"),
+        (all(0 < t <= 1000 for t in cfg.timesteps), f"--timesteps must lie in (0, 1000] (sigma in (0, 1]), "
+                                                     f"got {list(cfg.timesteps)}"),
+        (all(a > b for a, b in zip(cfg.timesteps, cfg.timesteps[1:])), f"--timesteps must decrease, got {list(cfg.timesteps)}"),
+        (math.isfinite(cfg.shift) and cfg.shift > 0, f"--shift must be a finite number > 0, got {cfg.shift}"),
+        (cfg.sink >= 0, f"--sink must be at least 0, got {cfg.sink}"),
+        (cfg.window >= 1, f"--window must be at least 1 frame, got {cfg.window}"),
+        (1 <= cfg.height <= MAX_SIDE and 1 <= cfg.width <= MAX_SIDE,
+         f"--height/--width must be 1..{MAX_SIDE} pixels, got {cfg.height}x{cfg.width}"),
+        (1 <= cfg.text_len <= 4096, f"--text_len must be 1..4096, got {cfg.text_len}"),
+        (1 <= cfg.fps <= 240, f"--fps must be 1..240, got {cfg.fps}"),
+        (cfg.seed >= 0 and cfg.scene_seed >= 0, f"--seed and --scene_seed must be >= 0, got {cfg.seed}, {cfg.scene_seed}"),
+        (math.isfinite(cfg.trans_step) and math.isfinite(cfg.rot_step),
+         f"--trans_step/--rot_step must be finite, got {cfg.trans_step}, {cfg.rot_step}"),
+        (cfg.threads >= 0, f"--threads must be at least 0 (0 = automatic), got {cfg.threads}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            common.die(message)
 
 
 @dataclass
@@ -87,21 +122,37 @@ def read_image(path, height, width):
     return (x.view(height, width, 3).permute(2, 0, 1) / 127.5 - 1).clamp(-1, 1)
 
 
-def action_lines(chunk):
-    """--interactive: yields per-chunk step lists (chunk - 1 steps for the first chunk, then chunk)."""
-    need = chunk - 1
-    for line in sys.stdin:
-        line = line.strip()
-        if not line or line == "q":
+def action_lines():
+    """--interactive: the action steps of each stdin line (a prompt when stdin is a terminal). An empty
+    line stands still for one step ("x", like no key in play.py); "q" or the end of input stops; a
+    typo is reported and the next line is read."""
+    while True:
+        if sys.stdin.isatty():
+            print("action (w/s a/d u/n j/l i/k x, q to stop)> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "q":
             return
         try:
-            steps = cameras.parse_actions(line)
+            yield cameras.parse_actions(line.strip() or "x")
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)  # a typo ends nothing: ask for the next line
-            continue
-        steps = (steps + [steps[-1]] * need)[:need]  # one line = one chunk: pad with its last step
-        yield steps
-        need = chunk
+
+
+def interactive_chunks(walk, chunk, width, height):
+    """Cameras of each chunk from the stdin lines: the first chunk takes chunk - 1 steps (frame 0 is
+    given), every later one `chunk`; a line with more steps than that fills several chunks, and a
+    shorter one repeats its last step (a held key)."""
+    need = chunk - 1
+    for steps in action_lines():
+        if len(steps) > need:
+            print(f"note: {len(steps)} steps fill {1 + -(-(len(steps) - need) // chunk)} chunks", file=sys.stderr,
+                  flush=True)
+        while True:
+            take, steps = steps[:need], steps[need:]
+            yield walk.cameras(take + [take[-1]] * (need - len(take)), width, height)
+            need = chunk
+            if not steps:
+                break
 
 
 def pitch0(cfg):
@@ -120,11 +171,15 @@ def walker(cfg):
 
 def load_model(cfg, device):
     """The checkpoint (--ckpt or the shipped one) and its codec -> (net, codec, ckpt); a bad one dies in one line."""
-    if cfg.sampler not in ("few", "euler"):
-        common.die(f"--sampler must be few or euler, got {cfg.sampler!r}")
+    check_stream_config(cfg)
     ckpt = cfg.ckpt or default_ckpt()
-    net = common.or_die(M.load_pretrained, ckpt).to(device).eval()
+    net = common.or_die(M.load_pretrained, ckpt, model_config=cfg.model_config or None).to(device).eval()
     mc = net.cfg
+    if cfg.window < mc.chunk:
+        common.die(f"--window={cfg.window} is shorter than a chunk ({mc.chunk} latent frames): "
+                   f"a chunk would not even see the one before it")
+    if device.type == "cpu":  # see StreamConfig.threads
+        torch.set_num_threads(cfg.threads or (1 if net.num_params() < SMALL_MODEL else torch.get_num_threads()))
     if cfg.vae:
         codec = data.WanVAECodec.load(common.check_file(cfg.vae, "--vae folder"))
     elif mc.out_channels == 3 * 2 * 2:
@@ -217,23 +272,78 @@ def open_stream(cfg, net, codec, cams):
 
 
 class Writers:
-    """STEM.mp4 + STEM.gif, appended frame by frame, each scaled up (nearest: crisp pixels) to about 256 px."""
+    """STEM.mp4 + STEM.gif, appended frame by frame, each scaled up (nearest: crisp pixels) to about 256 px.
+
+    Both are written to temporary files beside their targets and renamed into place by close(), so a
+    killed or failed run leaves any older STEM.mp4 / STEM.gif as they were (abort() removes the
+    temporaries). The mp4 streams to disk; a GIF is held in memory until written, so it keeps the
+    first MAX_GIF_FRAMES frames of a longer stream (memory stays flat; the mp4 has every frame).
+    """
 
     def __init__(self, stem, fps, height):
         import imageio.v2 as imageio
         os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
         self.scale = max(1, 256 // height)
-        self.mp4 = imageio.get_writer(stem + ".mp4", fps=fps, macro_block_size=1)
-        self.gif = imageio.get_writer(stem + ".gif", mode="I", duration=1000 / fps, loop=0)
+        self.targets = [stem + ".mp4", stem + ".gif"]
+        self.temps = [f"{stem}.tmp{os.getpid()}{ext}" for ext in (".mp4", ".gif")]  # the suffix names the format
+        self.mp4 = imageio.get_writer(self.temps[0], fps=fps, macro_block_size=1)
+        self.gif = imageio.get_writer(self.temps[1], mode="I", duration=1000 / fps, loop=0)
+        self.frames = 0
+
+    @property
+    def gif_capped(self):
+        return self.frames > MAX_GIF_FRAMES
 
     def append(self, frame):  # (H, W, 3) uint8
         big = frame.repeat(self.scale, 0).repeat(self.scale, 1)
         self.mp4.append_data(big)
-        self.gif.append_data(big)
+        if self.frames < MAX_GIF_FRAMES:
+            self.gif.append_data(big)
+        self.frames += 1
 
     def close(self):
         self.mp4.close()
         self.gif.close()
+        for temp, target in zip(self.temps, self.targets):
+            os.replace(temp, target)
+
+    def abort(self):
+        for writer in (self.mp4, self.gif):
+            try:
+                writer.close()
+            except Exception:  # a half-written file: it is removed just below anyway
+                pass
+        for temp in self.temps:
+            if os.path.exists(temp):
+                os.remove(temp)
+
+
+def check_outputs(cfg, ckpt, stem):
+    """The files this run writes must not be its inputs or a checkpoint, and their folder must be writable."""
+    if not os.path.basename(stem) or cfg.out.endswith(os.sep):
+        common.die(f"--out={cfg.out} must name a file, e.g. out/video.mp4")
+    folder = os.path.dirname(stem) or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        common.die(f"--out={cfg.out}: {folder} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        common.die(f"--out={cfg.out}: cannot make the folder {folder} ({e.strerror})")
+    if not os.access(folder, os.W_OK):
+        common.die(f"--out={cfg.out}: the folder {folder} is not writable")
+    inputs = {os.path.abspath(p) for p in (cfg.cameras, cfg.image, cfg.text_emb, cfg.model_config) if p}
+    inputs |= {os.path.abspath(common.stem_of(ckpt) + ext) for ext in (".json", ".safetensors", ".opt.pt")
+               if os.path.isfile(common.stem_of(ckpt) + ext)}
+    for out in (stem + ".mp4", stem + ".gif", stem + "_path.png", stem + ".json"):
+        if os.path.abspath(out) in inputs:
+            common.die(f"--out={cfg.out} would overwrite {out}, an input of this run: choose another --out")
+        if out.endswith(".json") and os.path.exists(out):
+            try:
+                doc = json.load(open(out))
+            except (OSError, ValueError):
+                doc = None
+            if isinstance(doc, dict) and "model" in doc and "stage" in doc:
+                common.die(f"--out={cfg.out} would overwrite {out}, a checkpoint's JSON: choose another --out")
 
 
 def main():
@@ -242,52 +352,60 @@ def main():
     torch.manual_seed(cfg.seed)
     if sum(map(bool, (cfg.cameras, cfg.actions, cfg.interactive))) != 1:
         common.die("give exactly one of --cameras FILE, --actions STRING or --interactive")
-    net, codec, ckpt = load_model(cfg, device)
-    chunk = net.cfg.chunk
-    load = lambda src: load_path(cfg, src)
     if cfg.cameras:
         common.check_file(cfg.cameras, "--cameras file")
+    net, codec, ckpt = load_model(cfg, device)
+    chunk = net.cfg.chunk
+    stem = os.path.splitext(cfg.out)[0]
+    check_outputs(cfg, ckpt, stem)
+    load = lambda src: load_path(cfg, src)
     path = None if cfg.interactive else common.or_die(load, cfg.cameras or cfg.actions)  # Cameras (1, F)
     stream = open_stream(cfg, net, codec, load("x") if path is None else path)
 
     # the chunks' cameras: slices of the path, or walked on from each stdin line
     if path is not None:
+        n_chunks = -(-path.num_frames // chunk)
         chunks = (path.frames(s, s + chunk) for s in range(0, path.num_frames, chunk))
-        bar = common.progress(-(-path.num_frames // chunk), desc="chunks", unit="chunk")
+        bar = common.progress(n_chunks, desc="chunks", unit="chunk")
+        print(f"streaming {path.num_frames} latent frames in {n_chunks} chunks of {chunk} with {os.path.basename(ckpt)}",
+              file=sys.stderr, flush=True)
     else:
-        walk = walker(cfg)
-        chunks, bar = (walk.cameras(steps, cfg.width, cfg.height) for steps in action_lines(chunk)), None
+        chunks, bar = interactive_chunks(walker(cfg), chunk, cfg.width, cfg.height), None
 
-    # stream
-    stem = os.path.splitext(cfg.out)[0]
+    # stream: the video files appear only when the run completes (Writers), the old ones stay until then
     out = Writers(stem, cfg.fps, cfg.height)
     latencies, seen, t_begin = [], [], time.perf_counter()
-    for cams in chunks:
-        for frame in stream.step(cams):
-            out.append(frame)
-        latencies.append(stream.latency)
-        seen.append(cams)
-        if bar is not None:
-            bar.update(1)
-        else:
-            print(f"chunk {len(latencies)}: frames {stream.start - cams.num_frames}..{stream.start - 1} in "
-                  f"{latencies[-1] * 1000:.0f} ms", flush=True)
-    out.close()
+    try:
+        for cams in chunks:
+            for frame in stream.step(cams):
+                out.append(frame)
+            latencies.append(stream.latency)
+            seen.append(cams)
+            if bar is not None:
+                bar.update(1)
+            else:
+                print(f"chunk {len(latencies)}: frames {stream.start - cams.num_frames}..{stream.start - 1} in "
+                      f"{latencies[-1] * 1000:.0f} ms", flush=True)
+        if not latencies:
+            common.die("no actions were given on stdin")
+        out.close()
+    except BaseException:  # an error, Ctrl-C, or the exit above: no partial video over the old one
+        out.abort()
+        raise
     if bar is not None:
         bar.close()
-    if not latencies:
-        common.die("no actions were given on stdin")
     total_time = time.perf_counter() - t_begin
     final_cams = path if path is not None else Cameras(torch.cat([c.w2c for c in seen], 1), torch.cat([c.K for c in seen], 1))
     cameras.plot_trajectory(final_cams, stem + "_path.png", title=os.path.basename(stem))
     report = dict(settings={**asdict(cfg), "ckpt": ckpt, "chunk": chunk, "sigmas": stream.sigmas},
                   frames=stream.start, chunks=len(latencies), first_chunk_latency_s=latencies[0],
                   chunk_latency_s=latencies, fps=stream.start / sum(latencies), wall_s=total_time,
-                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  gif_frames=min(out.frames, MAX_GIF_FRAMES))
+    common.atomic_write(stem + ".json", lambda p: open(p, "w").write(json.dumps(report, indent=1)))
+    note = f" (the gif holds the first {MAX_GIF_FRAMES} frames)" if out.gif_capped else ""
     print(f"wrote {stem}.mp4/.gif/_path.png/.json: {stream.start} latent frames in {len(latencies)} chunks, "
-          f"first chunk {latencies[0] * 1000:.0f} ms, {report['fps']:.1f} latent frames/s")
+          f"first chunk {latencies[0] * 1000:.0f} ms, {report['fps']:.1f} latent frames/s{note}")
 
 
 if __name__ == "__main__":

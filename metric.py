@@ -294,6 +294,8 @@ def plot_control(out_dir, name, path=None, size=(520, 300)):
     from PIL import Image, ImageDraw
     rows = [json.loads(x) for x in open(os.path.join(out_dir, f"{name}.metrics.jsonl")) if '"eval"' in x]
     rows = [r for r in rows if r.get("model", name) == name]
+    if not rows:
+        raise ValueError(f"{out_dir}/{name}.metrics.jsonl holds no control metric of {name} yet (see --eval_every)")
     curves = {"loss gap, sigma 0.5 (%)": ("loss_gap@0.5", 100, (200, 40, 40)), "loss gap, sigma 0.9 (%)": ("loss_gap@0.9", 100, (230, 140, 30)),
               "control margin (dB x 20)": ("control_margin", 20, (40, 90, 200))}
     W, H, L, B = size[0], size[1], 50, 40
@@ -360,9 +362,13 @@ class LongConfig:
 
 def long_report(cfg):
     """Run long_rollout_metric on every checkpoint of cfg.ckpts; write the table, the curves and the numbers."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = common.device_of(cfg.device)
+    paths = [p for p in cfg.ckpts.split(",") if p]
+    if not paths or cfg.frames < 2 or cfg.clips < 1 or cfg.steps < 1 or cfg.window < 1 or cfg.sink < 0:
+        common.die("metric.py long: give --ckpts=A,B,...; --frames >= 2, --clips >= 1, --steps >= 1, --window >= 1, "
+                   "--sink >= 0")
     results, static = {}, None
-    for path in [p for p in cfg.ckpts.split(",") if p]:
+    for path in paths:
         net = common.or_die(M.load_pretrained, path).to(device).eval()
         trained = common.StageConfig(**{k: v for k, v in common.or_die(common.load_checkpoint, path, load_opt=False)[
             "meta"].get("config", {}).items() if k in ("height", "width", "text_len")})
@@ -433,9 +439,12 @@ def plot_long(results, path, width=720, panel=150, smooth=8):
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "table":
+        if not os.path.isdir(sys.argv[2]):
+            common.die(f"{sys.argv[2]}: no such folder (the --out_dir of a training run)")
         print(results_table(sys.argv[2]))
     elif len(sys.argv) == 4 and sys.argv[1] == "plot":
-        plot_control(sys.argv[2], sys.argv[3])
+        common.check_file(os.path.join(sys.argv[2], f"{sys.argv[3]}.metrics.jsonl"), "training log")
+        common.or_die(plot_control, sys.argv[2], sys.argv[3])
     elif len(sys.argv) >= 4 and sys.argv[1] == "compare":
         compare_samples(sys.argv[2], sys.argv[3:])
     elif len(sys.argv) >= 2 and sys.argv[1] == "long":

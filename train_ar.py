@@ -40,9 +40,9 @@ QUICK = {**common.QUICK, "sample_steps": 3}
 def main():
     cfg = common.parse_config(Config, quick=QUICK)
     rank, local_rank, world, device, stem = common.start(cfg)
+    if cfg.chunk < 1 or cfg.frames % cfg.chunk:
+        common.die(f"--chunk={cfg.chunk} must be at least 1 and divide --frames={cfg.frames}")
     net = common.or_die(M.load_pretrained, cfg.ckpt, model_config=cfg.model_config, chunk=cfg.chunk).to(device)
-    if cfg.frames % cfg.chunk:
-        common.die(f"--frames={cfg.frames} is not a multiple of --chunk={cfg.chunk}")
     codec, source = data.training_source(cfg, net.cfg)
     ema, opt, first_step, model = common.setup_training(cfg, net, stem, rank, world, local_rank, device)
     common.log(f"{cfg.name}: from {cfg.ckpt}, {net.num_params() / 1e6:.2f}M parameters, chunk {cfg.chunk}, {world} process(es)")
