@@ -56,6 +56,8 @@ class StreamConfig:
     fps: int = 8
     seed: int = 0
     device: str = ""
+    dtype: str = ""  # fp32 | bf16; "" = bf16 on CUDA (the weights cast once), fp32 on the CPU
+    compile: bool = False  # torch.compile the DiT: on a GPU a tiny model is bound by kernel launches, which it fuses
     threads: int = 0  # torch CPU threads; 0 = 1 for a small model (a second thread buys it nothing, and
     #                   on a busy machine two threads can be many times slower), torch's default otherwise
     model_config: str = ""  # for a --ckpt that carries no config: a checkpoint's JSON or ModelConfig fields
@@ -86,6 +88,7 @@ def check_stream_config(cfg):
         (math.isfinite(cfg.trans_step) and math.isfinite(cfg.rot_step),
          f"--trans_step/--rot_step must be finite, got {cfg.trans_step}, {cfg.rot_step}"),
         (cfg.threads >= 0, f"--threads must be at least 0 (0 = automatic), got {cfg.threads}"),
+        (cfg.dtype in ("", "fp32", "bf16"), f"--dtype must be fp32 or bf16, got {cfg.dtype!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -173,7 +176,11 @@ def load_model(cfg, device):
     """The checkpoint (--ckpt or the shipped one) and its codec -> (net, codec, ckpt); a bad one dies in one line."""
     check_stream_config(cfg)
     ckpt = cfg.ckpt or default_ckpt()
-    net = common.or_die(M.load_pretrained, ckpt, model_config=cfg.model_config or None).to(device).eval()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.dtype) or (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    net = common.or_die(M.load_pretrained, ckpt, model_config=cfg.model_config or None).to(device, dtype).eval()
+    if cfg.compile:
+        net.compile(dynamic=False)  # one graph per cache length: a handful, until the window is full
     mc = net.cfg
     if cfg.window < mc.chunk:
         common.die(f"--window={cfg.window} is shorter than a chunk ({mc.chunk} latent frames): "
@@ -228,6 +235,7 @@ class Stream:
     """
     net: torch.nn.Module
     codec: object  # data.PixelCodec or data.WanVAECodec
+    decoder: object  # codec.stream(): decodes chunk after chunk as one video (Wan's causal cache: no seams)
     frame0: torch.Tensor  # (3, H, W) in [-1, 1]: the given first frame, shown exactly
     first: torch.Tensor  # (1, C, h, w): its latent
     text: torch.Tensor  # (1, L, D)
@@ -248,7 +256,7 @@ class Stream:
         x = M.generate_chunk(self.net, self.cache, noise, self.start, self.text, cams.to(self.first.device), cond,
                              self.sigmas, renoise=self.renoise, generator=self.gen)
         with torch.no_grad():
-            video = self.codec.decode(x)[0].clamp(-1, 1)  # (3, T, H, W)
+            video = self.decoder.decode(x)[0].clamp(-1, 1)  # (3, T, H, W)
         if self.start == 0:
             video[:, 0] = self.frame0.to(video)  # the given first frame, exactly
         frames = ((video + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
@@ -268,7 +276,7 @@ def open_stream(cfg, net, codec, cams):
     sigmas = M.few_step_sigmas(cfg.timesteps, cfg.shift) if cfg.sampler == "few" else M.euler_sigmas(cfg.steps, cfg.shift)
     cache = net.new_cache(1, h, w, sink=cfg.sink, window=cfg.window, device=device)
     gen = torch.Generator(device).manual_seed(cfg.seed)
-    return Stream(net, codec, frame0, first, text, cache, gen, sigmas, renoise=cfg.sampler == "few")
+    return Stream(net, codec, codec.stream(), frame0, first, text, cache, gen, sigmas, renoise=cfg.sampler == "few")
 
 
 class Writers:

@@ -293,3 +293,16 @@ def png(tmp_path):
     from PIL import Image
     Image.new("RGB", (40, 30), (200, 100, 50)).save(tmp_path / "first.png")
     return tmp_path / "first.png"
+
+
+def test_infer_bf16_weights_give_nearly_the_fp32_video(tmp_path):
+    import imageio.v2 as imageio
+    import numpy as np
+    videos = []
+    for dtype in ("fp32", "bf16"):
+        r = run(["infer.py", "--actions=w*3,l*2", f"--dtype={dtype}", f"--out={tmp_path}/{dtype}.mp4"])
+        assert r.returncode == 0, r.stderr[-800:]
+        videos.append(np.stack(imageio.mimread(tmp_path / f"{dtype}.gif")).astype(float))
+    assert videos[0].shape == videos[1].shape == (6, 256, 256, 3)
+    diff = np.abs(videos[0] - videos[1])
+    assert 0 < diff.mean() < 3 and diff[1].mean() < 2  # bf16 rounding, not another video (0..255 scale)
