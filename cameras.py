@@ -419,10 +419,13 @@ def plot_trajectory(cameras, path_png, title=None, size=384):
 # the camera-quality ablation
 
 
-def perturb_cameras(w2c, std, generator):
-    """Ablation (--camera_noise): jitter poses of frames 1.. like perception-estimated cameras.
+def perturb_cameras(w2c, std, generator, scale_drift=0.0):
+    """Ablation (--camera_noise, --camera_scale_drift): poses of frames 1.. as perception would estimate them.
 
-    w2c (F, 4, 4); rotations by ~std radians about a random axis, translations by ~std metres.
+    w2c (F, 4, 4). Jitter: rotations by ~std radians about a random axis, translations by ~std metres,
+    independently per frame. Scale drift (monocular reconstruction has no metric scale, and its error
+    grows along a path): every translation scaled by 1 + e·f/(F-1), e ~ N(0, scale_drift) per clip.
+    Frame 0 stays the identity.
     """
     F_ = w2c.shape[0]
     axis = torch.randn(F_, 3, generator=generator)
@@ -436,5 +439,8 @@ def perturb_cameras(w2c, std, generator):
     J = torch.eye(4).repeat(F_, 1, 1)
     J[:, :3, :3], J[:, :3, 3] = R, std * torch.randn(F_, 3, generator=generator)
     J[0] = torch.eye(4)  # frame 0 stays the identity
-    return J @ w2c
-
+    out = J @ w2c
+    if scale_drift > 0:
+        e = scale_drift * torch.randn((), generator=generator)
+        out[:, :3, 3] *= (1 + e * torch.arange(F_) / max(F_ - 1, 1))[:, None]
+    return out

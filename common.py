@@ -162,7 +162,8 @@ class StageConfig:
     #                      that starts from trained weights keeps 0 (its EMA starts at those weights)
     shift: float = 1.0  # sigma shift of the flow-matching schedule (5 at Wan scale)
     text_drop: float = 0.0  # caption dropout: keeps the null-text branch alive for CFG
-    camera_noise: float = 0.0  # ablation: jitter training poses like perception-estimated cameras
+    camera_noise: float = 0.0  # ablation: jitter training poses like perception-estimated cameras (rad, m)
+    camera_scale_drift: float = 0.0  # ablation: a drifting translation scale along each clip (cameras.perturb_cameras)
     log_every: int = 10  # loss, lr, grad norm -> OUT_DIR/NAME.metrics.jsonl and the bar
     eval_every: int = 250  # control metric + sample gif
     eval_clips: int = 16
@@ -224,7 +225,7 @@ def check_stage_config(cfg):
         **{k: (lambda v: v >= 0, "at least 0") for k in ("warmup", "ema_warmup", "stop_after", "seed")},
         **{k: (lambda v: math.isfinite(v) and v > 0, "a finite number > 0") for k in ("lr", "shift", "grad_clip")},
         **{k: (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0") for k in ("min_lr", "weight_decay",
-                                                                                       "camera_noise")},
+                                                                                       "camera_noise", "camera_scale_drift")},
         "frames": (lambda v: v >= 2, "at least 2 (frame 0 is given, the rest are generated)"),
         "ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
         "text_drop": (lambda v: 0 <= v <= 1, "in [0, 1]"),

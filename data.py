@@ -52,8 +52,8 @@ def training_source(cfg, model_cfg):
             clip = world.make_clip(cfg.seed, g, cfg.frames, cfg.height, cfg.width, model_cfg.text_dim, cfg.text_len)
             x0 = codec.encode(clip["video"][None])[0]
             w2c, K, text = clip["w2c"], clip["K"], clip["text"]
-        if cfg.camera_noise > 0:
-            w2c = perturb_cameras(w2c, cfg.camera_noise, generator)
+        if cfg.camera_noise > 0 or getattr(cfg, "camera_scale_drift", 0) > 0:
+            w2c = perturb_cameras(w2c, cfg.camera_noise, generator, getattr(cfg, "camera_scale_drift", 0))
         noise = torch.randn(x0.shape, generator=generator)
         u = torch.rand(x0.shape[1], generator=generator)
         if torch.rand((), generator=generator) < cfg.text_drop:

@@ -20,6 +20,7 @@ measured the same way, each with its own sampler (`metric_fns`):
     python metric.py plot OUT_DIR NAME              # the control metric along training (PNG)
     python metric.py compare OUT.png CKPT [CKPT...] # held-out frames: the truth, then each checkpoint
     python metric.py long --ckpts=assets/ar,assets/dmd --frames=512   # long rollouts vs the exact truth
+    python metric.py ablation OUT_DIR               # ablate.sh's five tables -> OUT_DIR/ablation.md
 
 The long-rollout metric asks "does the world hold together?": on long held-out paths
 (`world.long_heldout_path`: hundreds of latent frames wandering around the scene from its start pose),
@@ -316,6 +317,83 @@ def plot_control(out_dir, name, path=None, size=(520, 300)):
     img.save(path or os.path.join(out_dir, f"{name}_control.png"))
 
 
+# ----------------------------------------------------------------------------------------------
+# the ablations (ablate.sh): the paper's findings as numbers
+
+ABLATION_HEAD = ("| run | steps | run time | control margin (clips won) | oracle margin | margin/oracle | "
+                 "loss gap σ=.5 / .9 | gain over static | PSNR | sharpness |")
+
+
+def _evals(path, name):
+    """[(step, metric)] of model `name` in a metrics log, and the run time in minutes (resumes summed)."""
+    lines = [json.loads(x) for x in open(path) if x.strip()]
+    timed = [x["time"] for x in lines if "time" in x]
+    run_time = sum(a for a, b in zip(timed, timed[1:] + [0.0]) if b < a) / 60 if timed else 0.0
+    return [(x["step"], x["eval"]) for x in lines if "eval" in x and x.get("model", name) == name], run_time
+
+
+def _ablation_row(label, step, m, minutes):
+    ratio = "–" if m.get("margin_ratio") is None or m["oracle_margin"] <= 0 else f"{m['margin_ratio']:.0%}"
+    return (f"| {label} | {step} | {minutes:.0f} min | {m['control_margin']:+.2f} dB ({m['margin_wins']:.0%}) | "
+            f"{m['oracle_margin']:+.2f} dB | {ratio} | {m['loss_gap@0.5']:+.0%} / {m['loss_gap@0.9']:+.0%} | "
+            f"{m['gain_static']:+.2f} dB | {m['psnr']:.2f} dB | {m['sharpness']:.2f} |")
+
+
+def ablation_tables(out_dir):
+    """Markdown of the five ablations from what ablate.sh left in out_dir: camera quality (cam_*),
+    control along training (cam_exact's evaluations), batch size at equal samples and at equal
+    updates (batch_*), latency (bench.json, plus bench_gpu.json when a GPU run was saved), and the
+    metric through the stages (chain/, a pipeline.sh run)."""
+    runs = lambda prefix: sorted(d for d in os.listdir(out_dir) if d.startswith(prefix)
+                                 and os.path.exists(os.path.join(out_dir, d, "bidir.metrics.jsonl")))
+    rule = "|" + " --- |" * (ABLATION_HEAD.count("|") - 1)
+    out = []
+    cams = runs("cam_")
+    if cams:
+        out += ["### Camera quality (Phase 1 on exact vs perception-like poses)", "",
+                ABLATION_HEAD.replace("| run |", "| poses: rotation / translation jitter, scale drift |"), rule]
+        for d in cams:
+            cfg = json.load(open(os.path.join(out_dir, d, "bidir.json")))["config"]
+            evals, minutes = _evals(os.path.join(out_dir, d, "bidir.metrics.jsonl"), "bidir")
+            label = ("exact" if not cfg["camera_noise"] and not cfg["camera_scale_drift"] else
+                     f"{cfg['camera_noise']:g} rad / {cfg['camera_noise']:g} m, drift {cfg['camera_scale_drift']:g}")
+            out.append(_ablation_row(label, *evals[-1], minutes))
+        out.append("")
+    if "cam_exact" in cams:
+        evals, minutes = _evals(os.path.join(out_dir, "cam_exact", "bidir.metrics.jsonl"), "bidir")
+        out += ["### Control along Phase 1 training (exact poses)", "",
+                ABLATION_HEAD.replace("| run |", "| run |").replace("| run time |", "| (run time) |"), rule]
+        out += [_ablation_row("exact poses", step, m, minutes * step / evals[-1][0]) for step, m in evals]
+        out.append("")
+    batches = runs("batch_")
+    if batches:
+        out += ["### Batch size (Phase 1), at equal samples seen and at equal updates", "",
+                ABLATION_HEAD.replace("| run |", "| batch, budget |"), rule]
+        key = lambda d: (d.split("_")[1], int(d.split("_")[2]))  # batch_{samples,updates}_{B}
+        for d in sorted(batches, key=key):
+            evals, minutes = _evals(os.path.join(out_dir, d, "bidir.metrics.jsonl"), "bidir")
+            out.append(_ablation_row(f"{key(d)[1]}, equal {key(d)[0]}", *evals[-1], minutes))
+        out.append("")
+    for name, what in (("bench.json", "this CPU"), ("bench_gpu.json", "GPU")):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            b = json.load(open(path))
+            out += [f"### First-chunk latency ({what}: {b.get('device', '?')}, preset {b.get('preset', '?')})", "",
+                    "| sampler | first frames after | vs bidirectional |", "| --- | --- | --- |"]
+            bidir = b.get("bidir_50step_s") or b.get("bidir_50step_cfg_s")
+            for label, key_ in (("bidirectional, 50 steps, whole clip", "bidir_50step_s"),
+                                ("bidirectional, 50 steps + CFG, whole clip", "bidir_50step_cfg_s"),
+                                ("AR, 25 Euler steps, first chunk (KV cache)", "ar_25step_first_chunk_s"),
+                                ("AR, 4 steps, first chunk (KV cache)", "first_chunk_s")):
+                if b.get(key_):
+                    out.append(f"| {label} | {b[key_] * 1000:.0f} ms | x{bidir / b[key_]:.0f} |")
+            out.append("")
+    chain = os.path.join(out_dir, "chain")
+    if os.path.isdir(chain):
+        out += ["### Through the stages (one pipeline.sh chain)", "", results_table(chain), ""]
+    return "\n".join(out)
+
+
 @torch.no_grad()
 def compare_samples(path, ckpts, clips=2, scale=3):
     """PNG: for the first held-out clips, the truth's frames 1..F-1 above each checkpoint's few-step
@@ -447,8 +525,15 @@ if __name__ == "__main__":
         common.or_die(plot_control, sys.argv[2], sys.argv[3])
     elif len(sys.argv) >= 4 and sys.argv[1] == "compare":
         compare_samples(sys.argv[2], sys.argv[3:])
+    elif len(sys.argv) == 3 and sys.argv[1] == "ablation":
+        if not os.path.isdir(sys.argv[2]):
+            common.die(f"{sys.argv[2]}: no such folder (ablate.sh's --out_dir)")
+        tables = ablation_tables(sys.argv[2])
+        common.atomic_write(os.path.join(sys.argv[2], "ablation.md"), lambda p: Path(p).write_text(tables + "\n"))
+        print(tables)
     elif len(sys.argv) >= 2 and sys.argv[1] == "long":
         long_report(common.parse_config(LongConfig, sys.argv[2:]))
     else:
         common.die("usage: python metric.py table OUT_DIR | python metric.py plot OUT_DIR NAME | "
-                   "python metric.py compare OUT.png CKPT [CKPT ...] | python metric.py long [--ckpts=A,B ...]")
+                   "python metric.py compare OUT.png CKPT [CKPT ...] | python metric.py long [--ckpts=A,B ...] | "
+                   "python metric.py ablation OUT_DIR")

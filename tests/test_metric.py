@@ -77,3 +77,35 @@ def test_long_rollout_metric_perfect_model_scores_the_truth_frozen_frame_the_sta
     assert frozen["model"]["colour"][1:].mean() > 0.005  # the world changes as the camera moves
     table = metric.long_table({"perfect": perfect["model"], "static": frozen["static"]}).splitlines()
     assert table[0] == "| model | frames 1-7 | frames 8-15 | frames 16-31 |" and table[3].startswith("| static | ")
+
+
+def test_ablation_tables_from_fake_runs(tmp_path):
+    ev = lambda margin: dict(psnr=20.0 + margin, control_margin=margin, margin_wins=0.5 + margin / 10,
+                             oracle_margin=2.0, margin_ratio=margin / 2, gain_static=margin, sharpness=0.9,
+                             **{"loss_gap@0.5": margin / 10, "loss_gap@0.9": margin / 5})
+
+    def fake_run(name, noise=0.0, drift=0.0, margins=(0.0, 1.0, 2.0), every=1000):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "bidir.json").write_text(json.dumps({"config": {"camera_noise": noise, "camera_scale_drift": drift}}))
+        rows = []
+        for i, m in enumerate(margins, 1):
+            rows += [dict(step=i * every, loss=0.1, time=60.0 * i), dict(step=i * every, model="bidir", eval=ev(m))]
+        (d / "bidir.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fake_run("cam_exact")
+    fake_run("cam_high", 0.08, 0.3, margins=(0.0, 0.1, 0.2))
+    fake_run("batch_samples_2", margins=(0.0, 0.5), every=9000)
+    fake_run("batch_updates_16", margins=(0.0, 3.0))
+    (tmp_path / "bench.json").write_text(json.dumps(dict(device="cpu", preset="tiny", first_chunk_s=0.05,
+                                                         ar_25step_first_chunk_s=0.25, bidir_50step_s=1.0)))
+    text = metric.ablation_tables(str(tmp_path))
+    lines = text.splitlines()
+    assert "| exact | 3000 | 3 min | +2.00 dB (70%) | +2.00 dB | 100% | +20% / +40% | +2.00 dB | 22.00 dB | 0.90 |" in lines
+    assert any(line.startswith("| 0.08 rad / 0.08 m, drift 0.3 | 3000 | 3 min | +0.20 dB") for line in lines)
+    curve = [line for line in lines if line.startswith("| exact poses |")]
+    assert [line.split(" | ")[1] for line in curve] == ["1000", "2000", "3000"]  # the control curve, step by step
+    assert lines.index([x for x in lines if x.startswith("| 2, equal samples")][0]) < \
+        lines.index([x for x in lines if x.startswith("| 16, equal updates")][0])
+    assert "| AR, 4 steps, first chunk (KV cache) | 50 ms | x20 |" in lines
+    assert "| AR, 25 Euler steps, first chunk (KV cache) | 250 ms | x4 |" in lines
+    assert "Through the stages" not in text  # no chain/ folder: no such table

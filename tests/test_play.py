@@ -341,6 +341,7 @@ def test_browser_plays_with_keys(server, tmp_path):
         wait.until(lambda d: re.fullmatch(r"\d+\.\d", d.find_element(By.ID, "fps").text))
         assert float(drv.find_element(By.ID, "fps").text) > 0
         assert re.fullmatch(r"\d+ ms", drv.find_element(By.ID, "keylag").text)  # key to frames, measured
-        drv.save_screenshot(os.path.join(ROOT, "assets", "play.png"))
+        # the README's picture: MINWM_SCREENSHOT=assets/play.png python -m pytest tests/test_play.py -k browser
+        drv.save_screenshot(os.environ.get("MINWM_SCREENSHOT") or str(tmp_path / "play.png"))
     finally:
         drv.quit()
