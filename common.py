@@ -164,9 +164,11 @@ class StageConfig:
     text_drop: float = 0.0  # caption dropout: keeps the null-text branch alive for CFG
     camera_noise: float = 0.0  # ablation: jitter training poses like perception-estimated cameras (rad, m)
     camera_scale_drift: float = 0.0  # ablation: a drifting translation scale along each clip (cameras.perturb_cameras)
+    wander: bool = False  # clips on long wandering paths (world.long_actions) rather than the 8-frame clip kinds
     log_every: int = 10  # loss, lr, grad norm -> OUT_DIR/NAME.metrics.jsonl and the bar
     eval_every: int = 250  # control metric + sample gif
     eval_clips: int = 16
+    eval_frames: int = 0  # latent frames of the held-out clips of the control metric (0 = --frames)
     save_every: int = 250
     seed: int = 0
     resume: bool = False  # continue OUT_DIR/NAME from its last save (weights, optimizer, RNG)
@@ -181,7 +183,7 @@ class StageConfig:
 
 # the smoke size every stage's --quick starts from
 QUICK = dict(frames=4, height=16, width=16, batch_size=2, max_steps=6, warmup=2, eval_every=6, eval_clips=2,
-             save_every=3)
+             save_every=3, eval_frames=0)
 
 # ----------------------------------------------------------------------------- DDP and seeding
 
@@ -229,6 +231,8 @@ def check_stage_config(cfg):
         "frames": (lambda v: v >= 2, "at least 2 (frame 0 is given, the rest are generated)"),
         "ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
         "text_drop": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        **{k: (lambda v: 0 <= v <= 1, "in [0, 1]") for k in ("context_noise", "context_sigma")},
+        **{k: (lambda v: v >= 0, "at least 0") for k in ("eval_frames", "tf_sink", "tf_window", "rollout_frames")},
     }
     for key, (ok, what) in rules.items():
         if hasattr(cfg, key) and not ok(getattr(cfg, key)):

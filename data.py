@@ -49,7 +49,8 @@ def training_source(cfg, model_cfg):
             item = dataset[int(torch.randint(len(dataset), (1,), generator=generator))]
             x0, w2c, K, text = item["latents"].float(), item["w2c"], item["K"], item["text"]
         else:
-            clip = world.make_clip(cfg.seed, g, cfg.frames, cfg.height, cfg.width, model_cfg.text_dim, cfg.text_len)
+            clip = world.make_clip(cfg.seed, g, cfg.frames, cfg.height, cfg.width, model_cfg.text_dim, cfg.text_len,
+                                   getattr(cfg, "wander", False))
             x0 = codec.encode(clip["video"][None])[0]
             w2c, K, text = clip["w2c"], clip["K"], clip["text"]
         if cfg.camera_noise > 0 or getattr(cfg, "camera_scale_drift", 0) > 0:
@@ -58,7 +59,10 @@ def training_source(cfg, model_cfg):
         u = torch.rand(x0.shape[1], generator=generator)
         if torch.rand((), generator=generator) < cfg.text_drop:
             text = torch.zeros_like(text)
-        return dict(x0=x0, noise=noise, u=u, text=text, w2c=w2c, K=K)
+        # the teacher-forcing context's own noise (model.noisy_context), drawn after the rest so that
+        # the draws above are those of a run without it
+        noise_context, u_context = torch.randn(x0.shape, generator=generator), torch.rand(x0.shape[1], generator=generator)
+        return dict(x0=x0, noise=noise, u=u, text=text, w2c=w2c, K=K, noise_context=noise_context, u_context=u_context)
 
     def source(step, rank, world_size, device="cpu"):
         B = cfg.batch_size // world_size

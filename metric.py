@@ -82,7 +82,8 @@ def stage_clips(cfg, model_cfg, rank):
     metric runs on rank 0 alone, and a sharded model's forward needs every rank: measure the checkpoint)."""
     if rank != 0 or cfg.data or getattr(cfg, "fsdp", False):
         return None
-    return eval_clips(cfg.eval_clips, cfg.frames, cfg.height, cfg.width, model_cfg.text_dim, cfg.text_len)
+    return eval_clips(cfg.eval_clips, cfg.eval_frames or cfg.frames, cfg.height, cfg.width, model_cfg.text_dim,
+                      cfg.text_len)
 
 
 def metric_fns(net, mode, sigmas, renoise=False):
@@ -263,6 +264,11 @@ def long_rollout_metric(sample, codec, clips, batch=8, seed=0, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 # tables and pictures
 
+def _ratio(m):
+    """margin/oracle as a percentage; "–" where the oracle margin is not positive (logged as null)."""
+    return "–" if m.get("margin_ratio") is None or m["oracle_margin"] <= 0 else f"{m['margin_ratio']:.0%}"
+
+
 def results_table(out_dir, stages=("bidir", "ar", "ode", "cd", "dmd")):
     """Markdown table of each stage's last control metric (from OUT/NAME.metrics.jsonl) and run time."""
     head = ("| stage | sampler | steps | run time | PSNR | control margin (clips won) | oracle margin | "
@@ -284,7 +290,7 @@ def results_table(out_dir, stages=("bidir", "ar", "ode", "cd", "dmd")):
             label = model if model == name else f"{name}: baseline {model}"
             rows.append(f"| {label} | {ev.get('sampler') or samplers.get(model, '4 renoise steps / chunk, KV cache')} | {ev['step']} | "
                         f"{run_time / 60:.0f} min | {m['psnr']:.2f} dB | {m['control_margin']:+.2f} dB "
-                        f"({m['margin_wins']:.0%}) | {m['oracle_margin']:+.2f} dB | {m['margin_ratio']:.0%} | "
+                        f"({m['margin_wins']:.0%}) | {m['oracle_margin']:+.2f} dB | {_ratio(m)} | "
                         f"{m['loss_gap@0.5']:+.0%} / {m['loss_gap@0.9']:+.0%} | {m['gain_static']:+.2f} dB | "
                         f"{m['sharpness']:.2f} |" if timed else "")
     return "\n".join(r for r in rows if r)
@@ -333,9 +339,8 @@ def _evals(path, name):
 
 
 def _ablation_row(label, step, m, minutes):
-    ratio = "–" if m.get("margin_ratio") is None or m["oracle_margin"] <= 0 else f"{m['margin_ratio']:.0%}"
     return (f"| {label} | {step} | {minutes:.0f} min | {m['control_margin']:+.2f} dB ({m['margin_wins']:.0%}) | "
-            f"{m['oracle_margin']:+.2f} dB | {ratio} | {m['loss_gap@0.5']:+.0%} / {m['loss_gap@0.9']:+.0%} | "
+            f"{m['oracle_margin']:+.2f} dB | {_ratio(m)} | {m['loss_gap@0.5']:+.0%} / {m['loss_gap@0.9']:+.0%} | "
             f"{m['gain_static']:+.2f} dB | {m['psnr']:.2f} dB | {m['sharpness']:.2f} |")
 
 
@@ -434,6 +439,7 @@ class LongConfig:
     sink: int = M.STREAM_SINK  # the streaming cache, as infer.py's defaults
     window: int = M.STREAM_WINDOW
     steps: int = 25  # Euler steps per chunk for a Stage 1 ("ar") checkpoint; the others use their few steps
+    context_sigma: float = -1.0  # the noise on generated context in the cache: -1 = each model's own (its config)
     out: str = "out/long_rollout"  # writes OUT.png (curves), OUT.md (table by segment), OUT.json (per frame)
     device: str = ""
 
@@ -448,6 +454,8 @@ def long_report(cfg):
     results, static = {}, None
     for path in paths:
         net = common.or_die(M.load_pretrained, path).to(device).eval()
+        if cfg.context_sigma >= 0:
+            net.cfg.context_sigma = cfg.context_sigma
         trained = common.StageConfig(**{k: v for k, v in common.or_die(common.load_checkpoint, path, load_opt=False)[
             "meta"].get("config", {}).items() if k in ("height", "width", "text_len")})
         stage = json.load(open(common.stem_of(path) + ".json")).get("stage")

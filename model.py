@@ -54,6 +54,9 @@ class ModelConfig:
     prope: str = "inline"  # "none" | "branch" (parallel attention, zero-init proj) | "inline" (GTA)
     prope_dim: int = 0  # inline only: channels per head under the projective transform (0 = head_dim // 2)
     chunk: int = 2  # latent frames per AR chunk
+    # the context convention of a causal model (GameNGen's augmentation against drift in long rollouts):
+    context_noise: float = 0.0  # teacher forcing: context chunks (not frame 0) noised to sigma ~ U(0, this)
+    context_sigma: float = 0.0  # rollout: each generated chunk enters the KV cache noised to this sigma
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)
@@ -449,7 +452,7 @@ class DiT(nn.Module):
             x = torch.cat([x, cond.to(x.dtype)], 1)
         return self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
 
-    def forward(self, x, t, context, cameras=None, cond=None, *, clean=None, cache=None, commit=False,
+    def forward(self, x, t, context, cameras=None, cond=None, *, clean=None, clean_t=None, cache=None, commit=False,
                 frame_offset=0, sink=0, window=None):
         """Predict the flow-matching velocity v = noise - x0 (same shape as x).
 
@@ -477,7 +480,8 @@ class DiT(nn.Module):
         n_frames = f
         if clean is not None:  # teacher forcing: [clean | noisy] share positions and cameras
             tokens = torch.cat([self.embed(clean, cond), tokens], 1)
-            t = torch.cat([torch.zeros_like(t.expand(B, f)), t.expand(B, f)], 1)  # (B, 2f)
+            t_clean = torch.zeros_like(t.expand(B, f)) if clean_t is None else clean_t.float().expand(B, f)
+            t = torch.cat([t_clean, t.expand(B, f)], 1)  # (B, 2f)
             frames = torch.cat([frames, frames])
             cams = None if cams is None else (torch.cat([cams[0]] * 2, 1), torch.cat([cams[1]] * 2, 1))
             flex = self.flex if self.flex is not None else x.is_cuda
@@ -555,7 +559,7 @@ def add_noise(x0, noise, sigma):
     return (1 - sigma) * x0 + sigma * noise
 
 
-def flow_matching_loss(model, x0, noise, sigma, text, cameras, cond, clean=None):
+def flow_matching_loss(model, x0, noise, sigma, text, cameras, cond, clean=None, clean_t=None, **kw):
     """MSE between the predicted velocity at x_t = (1 - σ) x0 + σ ε and the target v = ε - x0.
 
     Phase 1 (paper §2.1: bidirectional, whole clips); Stage 1 (§2.2: clean= the ground-truth clip,
@@ -563,7 +567,7 @@ def flow_matching_loss(model, x0, noise, sigma, text, cameras, cond, clean=None)
     sigma: (B,) one level per clip, or (B, F) one per latent frame.
     """
     s = sigma.view(-1, 1, 1, 1, 1) if sigma.ndim == 1 else sigma[:, None, :, None, None]
-    v = model(add_noise(x0, noise, s), 1000 * sigma, text, cameras, cond, clean=clean)
+    v = model(add_noise(x0, noise, s), 1000 * sigma, text, cameras, cond, clean=clean, clean_t=clean_t, **kw)
     return F.mse_loss(v.float(), (noise - x0).float())
 
 
@@ -616,8 +620,34 @@ def generate_chunk(model, cache, noise, start, context, cameras=None, cond=None,
             x = add_noise(x0, eps, s_next)
         else:
             x = x + (s_next - s) * v
-    model(x, timestep(0.0, B, x.device), context, cameras, cond, cache=cache, commit=True, frame_offset=start)
+    commit(model, cache, x, start, context, cameras, cond, generator)
     return x
+
+
+def commit(model, cache, x0, start, context, cameras=None, cond=None, generator=None):
+    """Run the finished chunk x0 (B, C, f, h, w) once more with commit=True: its K/V become context.
+
+    A model trained with noisy context (cfg.context_sigma > 0) gets it noised to that sigma, t = 1000 sigma,
+    as it saw its context in training; the sink frames (frame 0: the given image) stay clean."""
+    B, f = x0.shape[0], x0.shape[2]
+    level, t = getattr(model.cfg, "context_sigma", 0.0), timestep(0.0, B, x0.device)
+    if level > 0:
+        sigma = torch.full((B, f), level, device=x0.device)
+        sigma[:, : max(0, cache.sink - start)] = 0.0
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x0, t = add_noise(x0, eps, sigma[:, None, :, None, None]), 1000 * sigma
+    model(x0, t, context, cameras, cond, cache=cache, commit=True, frame_offset=start)
+
+
+def noisy_context(x0, u, noise, cfg, chunk):
+    """Stages 1-2 with cfg.context_noise > 0: the teacher-forcing context x0 (B, C, F, h, w) noised per
+    chunk to sigma = u * context_noise (u (B, F) uniforms, noise like x0; frame 0, the given image, stays
+    clean) -> (context, its timesteps (B, F)); (x0, None) for a model trained on clean context."""
+    if cfg.context_noise <= 0:
+        return x0, None
+    sigma = u[:, ::chunk].repeat_interleave(chunk, 1)[:, :x0.shape[2]] * cfg.context_noise
+    sigma[:, 0] = 0.0
+    return add_noise(x0, noise, sigma[:, None, :, None, None]), 1000 * sigma
 
 
 @torch.no_grad()

@@ -37,17 +37,17 @@ class Config(common.StageConfig):
 QUICK = {**common.QUICK, "grid": 8}
 
 
-def x0_of(net, x_t, sigma, text, cams, cond, x0_ctx):
+def x0_of(net, x_t, sigma, text, cams, cond, x0_ctx, ctx_t=None):
     """The consistency function f(x_t, σ) = x_t - σ v(x_t, σ); σ (B, F), ground-truth context x0_ctx."""
-    return x_t - sigma[:, None, :, None, None] * net(x_t, 1000 * sigma, text, cams, cond, clean=x0_ctx)
+    return x_t - sigma[:, None, :, None, None] * net(x_t, 1000 * sigma, text, cams, cond, clean=x0_ctx, clean_t=ctx_t)
 
 
 @torch.no_grad()
-def cd_target(teacher, target_net, x_t, sigma, sigma_next, text, cams, cond, x0_ctx, guidance=1.0):
+def cd_target(teacher, target_net, x_t, sigma, sigma_next, text, cams, cond, x0_ctx, guidance=1.0, ctx_t=None):
     """One teacher Euler step x_t -> x_t' (σ -> σ'), then the EMA student's x0 at (x_t', σ')."""
-    v = M.guided_velocity(teacher, x_t, 1000 * sigma, text, cams, cond, clean=x0_ctx, guidance=guidance)
+    v = M.guided_velocity(teacher, x_t, 1000 * sigma, text, cams, cond, clean=x0_ctx, clean_t=ctx_t, guidance=guidance)
     x_next = x_t + (sigma_next - sigma)[:, None, :, None, None] * v
-    return x0_of(target_net, x_next, sigma_next, text, cams, cond, x0_ctx)
+    return x0_of(target_net, x_next, sigma_next, text, cams, cond, x0_ctx, ctx_t)
 
 
 def main():
@@ -79,9 +79,10 @@ def main():
         i = (b["u"][:, ::chunk] * cfg.grid).long().clamp(max=cfg.grid - 1).repeat_interleave(chunk, 1)  # (B, F)
         sigma, sigma_next = grid[i], grid[i + 1]
         x_t = M.add_noise(x0, b["noise"], sigma[:, None, :, None, None])
-        target = cd_target(teacher, ema, x_t, sigma, sigma_next, b["text"], b["cameras"], cond, x0, cfg.guidance)
+        ctx, ctx_t = M.noisy_context(x0, b["u_context"], b["noise_context"], net.cfg, chunk)  # as the teacher learned
+        target = cd_target(teacher, ema, x_t, sigma, sigma_next, b["text"], b["cameras"], cond, ctx, cfg.guidance, ctx_t)
         with common.autocast(device):
-            loss = F.mse_loss(x0_of(model, x_t, sigma, b["text"], b["cameras"], cond, x0).float(), target.float())
+            loss = F.mse_loss(x0_of(model, x_t, sigma, b["text"], b["cameras"], cond, ctx, ctx_t).float(), target.float())
         gnorm = common.optimizer_step(loss, opt, model, cfg, step, ema)
         if common.end_of_step(cfg, step + 1, bar, t0, dict(loss=loss, lr=lr, gnorm=gnorm), saves):
             metric.report(cfg, clips, codec, step + 1, ema, "ar", few, renoise=True, device=device)

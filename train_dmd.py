@@ -10,10 +10,17 @@ forward. The student's clip is scored by two bidirectional camera-conditioned mo
 The DMD gradient (x0_fake - x0_real) / mean|x_g - x0_real| pushes the student's distribution towards
 the teacher's - matching a distribution rather than regressing to a blurry mean.
 
-    python train_dmd.py --ckpt=out/ode --teacher=out/bidir
+Long rollouts (Self-Forcing++; README, Long rollouts): the student rolls out `rollout_frames` (32) through
+the cache it streams with at inference (sink + window, each chunk committed as model.commit does),
+and a random window of `frames` (8, the teachers' clip length) is scored, conditioned on its own first
+frame; only the window's chunks carry gradient. So the student is trained in the states a long
+rollout reaches - after its own errors - not only in the first 8 frames.
+
+    python train_dmd.py --ckpt=out/cd --teacher=out/bidir
     python train_dmd.py --ckpt=out/cd --teacher=out/bidir --quick
 """
 import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -34,31 +41,38 @@ class Config(common.StageConfig):
     name: str = "dmd"
     timesteps: tuple[int, ...] = M.FEW_STEP_TIMESTEPS
     guidance: float = 1.0  # real-score CFG (3.0 at Wan scale; the toy captions restate frame 0)
-    critic_steps: int = 5  # fake-score updates per generator update
+    critic_steps: int = 3  # fake-score updates per generator update (each one a rollout: 3 keeps long ones affordable)
     sigma_min: float = 0.02  # range of the noise level at which both scores are queried
     sigma_max: float = 0.98
     max_steps: int = 200  # generator steps
     lr: float = 3e-5  # generator (2e-6 at scale; the tiny model moves too little at 1e-5 in 200 steps)
     critic_lr: float = 6e-5  # fake score: twice the generator's, so the critic keeps up
+    rollout_frames: int = 32  # > frames: roll out this long (Self-Forcing++) and score a random window of
+    #                           `frames` (the teacher's clip length) of it; 0 = frames (Self-Forcing)
+    sink: int = M.STREAM_SINK  # the student's cache while rolling out, as at inference
+    window: int = M.STREAM_WINDOW
     log_every: int = 1  # a step takes seconds: log every one
     eval_every: int = 100
     save_every: int = 50
     seed: int = 4
 
 
-QUICK = {**common.QUICK, "max_steps": 3, "critic_steps": 2, "eval_every": 3, "save_every": 2}
+QUICK = {**common.QUICK, "max_steps": 3, "critic_steps": 2, "eval_every": 3, "save_every": 2, "rollout_frames": 8}
 
 
-def self_rollout(student, noise, text, cams, first, sigmas, exit_step, generator=None):
+def self_rollout(student, noise, text, cams, first, sigmas, exit_step, generator=None, grad_from=0, sink=1,
+                 window=None):
     """The student generates the clip chunk by chunk; gradient only through each chunk's exit step.
 
     sigmas: the few-step list with a final 0; exit_step in [0, len(sigmas) - 1). Returns the x0
-    predictions (B, C, F, h, w) of every chunk's exit step (carrying gradient).
+    predictions (B, C, F, h, w) of every chunk's exit step, carrying gradient from frame grad_from on
+    (the chunks before it run without: a long rollout's lead-in to the window DMD scores). The cache
+    keeps `sink` + `window` frames as at inference (window None: every frame).
     """
     B, C, F_, H, W = noise.shape
     chunk = student.cfg.chunk
-    cache = student.new_cache(B, H, W, window=F_, device=noise.device)
-    out = []
+    cache = student.new_cache(B, H, W, sink=sink, window=window or F_, device=noise.device)
+    out, grad = [], torch.is_grad_enabled()
     for start in range(0, F_, chunk):
         stop = min(start + chunk, F_)
         c_cams, cond = cams.frames(start, stop), M.image_cond(first, stop - start, start)
@@ -68,12 +82,12 @@ def self_rollout(student, noise, text, cams, first, sigmas, exit_step, generator
                 v = student(x, M.timestep(s, B, x.device), text, c_cams, cond, cache=cache, frame_offset=start)
                 x = M.add_noise(x - s * v, torch.randn(x.shape, generator=generator, device=x.device), s_next)
         s = sigmas[exit_step]
-        # the exit step carries the gradient; its forward concatenates the cache rather than writing the
-        # chunk into it, since a later in-place write would change tensors autograd saved (KVCache.attend)
-        x0 = x - s * student(x, M.timestep(s, B, x.device), text, c_cams, cond, cache=cache, frame_offset=start)
-        with torch.no_grad():  # cache refresh with the clean chunk, no gradient
-            student(x0.detach(), M.timestep(0.0, B, x.device), text, c_cams, cond, cache=cache, commit=True,
-                    frame_offset=start)
+        # the exit step carries the gradient (from grad_from on); its forward concatenates the cache rather
+        # than writing the chunk into it, since a later in-place write would change tensors autograd saved
+        with torch.set_grad_enabled(grad and start >= grad_from):
+            x0 = x - s * student(x, M.timestep(s, B, x.device), text, c_cams, cond, cache=cache, frame_offset=start)
+        with torch.no_grad():  # the chunk becomes context as at inference (model.commit), no gradient
+            M.commit(student, cache, x0.detach(), start, text, c_cams, cond, generator)
         out.append(x0)
     return torch.cat(out, 2)
 
@@ -117,7 +131,12 @@ def main():
             fake.load_state_dict(common.or_die(common.load_checkpoint, stem + "_critic", load_opt=False)["state"])
     # no DDP wrapper: the critic and the real score run several forwards per backward; the gradients
     # are averaged over ranks by hand (optimizer_step(average_grads=True))
-    codec, source = data.training_source(cfg, student.cfg)
+    R, F_, chunk = cfg.rollout_frames or cfg.frames, cfg.frames, student.cfg.chunk
+    if R < F_ or R % chunk or F_ % chunk:
+        common.die(f"--rollout_frames={R} and --frames={F_} must be multiples of the chunk ({chunk}), rollout >= frames")
+    # clips of the rollout's length (only frame 0, the text and the cameras are used past the window);
+    # a long rollout needs a path that stays in the scene: a wandering one
+    codec, source = data.training_source(dataclasses.replace(cfg, frames=R, wander=R > F_), student.cfg)
     few = M.few_step_sigmas(cfg.timesteps, cfg.shift)
     clips = metric.stage_clips(cfg, student.cfg, rank)
     saves = [dict(stem=stem + "_critic", state_dict=fake, stage="dmd_critic", parent=cfg.teacher, model_config=fake.cfg),
@@ -132,23 +151,31 @@ def main():
     for step in range(first_step, common.last_step(cfg)):
         for j in range(cfg.critic_steps + 1):  # critic_steps critic updates, then one generator update
             b = source(step * (cfg.critic_steps + 1) + j, rank, world, device)
-            x0, text, cams = b["x0"], b["text"], b["cameras"]
-            first, cond = x0[:, :, 0], M.image_cond(x0[:, :, 0], x0.shape[2])
+            x0, text, cams = b["x0"], b["text"], b["cameras"]  # x0 (B, C, R, h, w): frame 0 starts the rollout
+            first = x0[:, :, 0]
             seed = common.mix_seed(cfg.seed, step, j, rank)
             generator = torch.Generator(device).manual_seed(seed)
-            noise_roll = torch.randn(x0.shape, generator=generator, device=device)
+            # the window scored: F_ frames from a chunk-aligned start; the rollout runs up to its end
+            start = chunk * int(torch.randint((R - F_) // chunk + 1, (), generator=torch.Generator().manual_seed(seed)))
+            stop = start + F_
+            noise_roll = torch.randn((*x0.shape[:2], stop, *x0.shape[3:]), generator=generator, device=device)
+            cams_w, noise = cams.frames(start, stop), b["noise"][:, :, :F_]
             sigma = cfg.sigma_min + (cfg.sigma_max - cfg.sigma_min) * b["u"][:, 0]  # (B,)
             if j < cfg.critic_steps:  # critic: flow matching on fresh student samples
                 with torch.no_grad():
-                    x_s = M.sample_ar(student, noise_roll, text, cams, cond, few, renoise=True, window=x0.shape[2],
-                                      generator=generator)
-                # the fake score learns the student's distribution: flow matching on its samples
-                loss_f = M.flow_matching_loss(fake, x_s, b["noise"], sigma, text, cams, cond)
+                    x_s = M.sample_ar(student, noise_roll, text, cams.frames(0, stop), M.image_cond(first, stop), few,
+                                      renoise=True, sink=cfg.sink, window=cfg.window, generator=generator)[:, :, start:]
+                # the fake score learns the student's distribution: flow matching on its samples, each window
+                # conditioned on its own first frame (the given one at the start, a generated one later)
+                cond = M.image_cond(first if start == 0 else x_s[:, :, 0], F_)
+                loss_f = M.flow_matching_loss(fake, x_s, noise, sigma, text, cams_w, cond)
                 common.optimizer_step(loss_f, opt_f, fake, cfg, step, average_grads=True)
-            else:  # generator: self-rollout with one shared exit step, DMD gradient
+            else:  # generator: self-rollout with one shared exit step, DMD gradient on the window
                 exit_step = int(torch.randint(len(few) - 1, (), generator=torch.Generator().manual_seed(seed)))
-                x_g = self_rollout(student, noise_roll, text, cams, first, few, exit_step, generator=generator)
-                loss_g = dmd_loss(x_g, real, fake, text, cams, cond, sigma, b["noise"], cfg.guidance)
+                x_g = self_rollout(student, noise_roll, text, cams.frames(0, stop), first, few, exit_step,
+                                   generator=generator, grad_from=start, sink=cfg.sink, window=cfg.window)[:, :, start:]
+                cond = M.image_cond(first if start == 0 else x_g[:, :, 0].detach(), F_)
+                loss_g = dmd_loss(x_g, real, fake, text, cams_w, cond, sigma, noise, cfg.guidance)
                 gnorm = common.optimizer_step(loss_g, opt_g, student, cfg, step, ema, average_grads=True)
         if common.end_of_step(cfg, step + 1, bar, t0, dict(critic=loss_f, dmd=loss_g, gnorm=gnorm, exit=exit_step), saves):
             metric.report(cfg, clips, codec, step + 1, ema, "ar", few, renoise=True, device=device)

@@ -116,11 +116,12 @@ def load_pairs(pairs_dir, shards):
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def ode_loss(model, x_t, sigma, x_ode, x0, text, cams):
-    """Stage 2a loss: || (x_t - σ v(x_t)) - x_ode ||², per-chunk σ from the few-step list, GT prefix as context."""
+def ode_loss(model, x_t, sigma, x_ode, x0, text, cams, ctx=None, ctx_t=None):
+    """Stage 2a loss: || (x_t - σ v(x_t)) - x_ode ||², per-chunk σ from the few-step list, GT prefix as context
+    (noised as the teacher's config says: ctx, ctx_t from model.noisy_context)."""
     s = sigma[:, None, :, None, None]
     cond = M.image_cond(x0[:, :, 0], x0.shape[2])
-    v = model(x_t, 1000 * sigma, text, cams, cond, clean=x0)
+    v = model(x_t, 1000 * sigma, text, cams, cond, clean=x0 if ctx is None else ctx, clean_t=ctx_t)
     return F.mse_loss((x_t - s * v).float(), x_ode.float())
 
 
@@ -161,8 +162,11 @@ def main():
         x_t = states[torch.arange(B)[:, None], torch.arange(cfg.frames)[None], level].permute(0, 2, 1, 3, 4)  # (B, C, F, h, w)
         sigma = torch.tensor(levels, device=device)[level.to(device)]  # (B, F)
         cams = prope.Cameras(p["w2c"], p["K"])
+        u_ctx = torch.rand(cfg.batch_size, cfg.frames, generator=rng)[rank * B:(rank + 1) * B].to(device)
+        eps_ctx = torch.randn((cfg.batch_size, *p["x0"].shape[1:]), generator=rng)[rank * B:(rank + 1) * B].to(device)
+        ctx, ctx_t = M.noisy_context(p["x0"].float(), u_ctx, eps_ctx, net.cfg, chunk)  # as the teacher learned
         with common.autocast(device):
-            loss = ode_loss(model, x_t, sigma, p["ode_x0"], p["x0"].float(), p["text"].float(), cams)
+            loss = ode_loss(model, x_t, sigma, p["ode_x0"], p["x0"].float(), p["text"].float(), cams, ctx, ctx_t)
         gnorm = common.optimizer_step(loss, opt, model, cfg, step, ema)
         if common.end_of_step(cfg, step + 1, bar, t0, dict(loss=loss, lr=lr, gnorm=gnorm), saves):
             metric.report(cfg, clips, codec, step + 1, ema, "ar", few, renoise=True, device=device)

@@ -278,15 +278,23 @@ def sample_trajectory(generator, frames, trans_range=(0.1, 0.6), rot_range=(2.0,
     raise RuntimeError(f"no valid step size for {actions!r}")
 
 
-def make_clip(seed, index, frames, height, width, text_dim, text_len):
+def make_clip(seed, index, frames, height, width, text_dim, text_len, wander=False):
     """Training clip number `index`: a dict of video (3, F, H, W), w2c (F, 4, 4), K (F, 4), text, ...
 
     The scene seed and the path come from hashes of (seed, index) alone, so a clip is the same
-    whichever process draws it. Scene seeds stay below EVAL_SEED_BASE.
+    whichever process draws it. Scene seeds stay below EVAL_SEED_BASE. wander: a long path
+    (long_actions, 0.1-0.4 m and 3-8° per step for this clip) instead of sample_trajectory's clip kinds,
+    for clips far longer than the 8 frames those are made for.
     """
     scene_seed = mix_seed(seed, index, 0) % EVAL_SEED_BASE
     generator = torch.Generator().manual_seed(mix_seed(seed, index, 1))
-    actions, cameras = sample_trajectory(generator, frames, scene_seed=scene_seed, width=width, height=height)
+    if wander:
+        u = torch.rand(2, generator=generator).tolist()
+        trans, rot = 0.1 + 0.3 * u[0], 3 + 5 * u[1]
+        actions = long_actions(scene_seed, frames - 1, trans, rot, seed=mix_seed(seed, index, 2))
+        cameras = actions_to_cameras(actions, trans, rot, width, height, START_PITCH)
+    else:
+        actions, cameras = sample_trajectory(generator, frames, scene_seed=scene_seed, width=width, height=height)
     text = caption(scene_seed)
     return {"video": render_world(scene_seed, cameras, height, width), "w2c": cameras.w2c[0], "K": cameras.K[0],
             "text": text_embedding(text, text_dim, text_len), "caption": text, "scene_seed": scene_seed,
