@@ -78,6 +78,8 @@ class MMDiTConfig:
     #                           carry no camera, so the network is then not exactly invariant to the world frame
     action: bool = True  # WorldPlay's action_in: a discrete action label per latent frame, from the cameras
     chunk: int = 2  # latent frames per AR chunk (4 in WorldPlay)
+    context_noise: float = 0.0  # the context convention of a causal model: model.ModelConfig says what they mean
+    context_sigma: float = 0.0
 
     def __post_init__(self):
         self.patch_size, self.rope_axes = tuple(self.patch_size), tuple(self.rope_axes)
@@ -531,7 +533,7 @@ class MMDiT(nn.Module):
             if x.ndim != 3 or x.shape[0] != B or x.shape[2] != width:
                 raise ValueError(f"MMDiT: {name} must be (B={B}, L, {width}), got {tuple(x.shape)}")
 
-    def forward(self, x, t, context, cameras=None, cond=None, *, clean=None, cache=None, commit=False,
+    def forward(self, x, t, context, cameras=None, cond=None, *, clean=None, clean_t=None, cache=None, commit=False,
                 frame_offset=0, sink=0, window=None, context_2=None, image_embeds=None):
         """Predict the flow-matching velocity v = noise - x0 (same shape as x); the interface of model.DiT.
 
@@ -566,7 +568,8 @@ class MMDiT(nn.Module):
         n_frames = f
         if clean is not None:  # teacher forcing: [clean | noisy] share positions, cameras and actions
             img = torch.cat([self.embed(clean, cond), img], 1)
-            t = torch.cat([torch.zeros_like(t), t], 1)  # (B, 2f): the clean half at t = 0
+            t_clean = torch.zeros_like(t) if clean_t is None else clean_t.float().expand_as(t)  # noisy context: its t
+            t = torch.cat([t_clean, t], 1)  # (B, 2f): the clean half at t = 0 (or its context noise level)
             frames = torch.cat([frames, frames])
             cams = None if cams is None else (torch.cat([cams[0]] * 2, 1), torch.cat([cams[1]] * 2, 1))
             actions = None if actions is None else torch.cat([actions, actions], 1)
