@@ -366,3 +366,42 @@ def test_activation_checkpointing_gives_the_same_gradients():
         net(noisy, t, ctx, cams, M.image_cond(clean[:, :, 0], F), clean=clean).pow(2).mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     assert grads[0].abs().max() > 0 and (grads[0] - grads[1]).abs().max() < 1e-6
+
+
+def test_noisy_context_rollout_equals_teacher_forcing_on_the_same_noisy_context():
+    """model.commit puts a chunk in the cache noised to cfg.context_sigma (frame 0 clean), t = 1000 sigma:
+    exactly the context teacher forcing sees with clean=that noisy clip, clean_t=its timesteps."""
+    net = tiny("inline", seed=7, context_sigma=0.4)
+    B, F = 2, 6
+    g = torch.Generator().manual_seed(5)
+    clean, noisy = torch.randn(B, 4, F, 4, 4, generator=g), torch.randn(B, 4, F, 4, 4, generator=g)
+    ctx, cams, t = torch.randn(B, 3, 8, generator=g), random_cameras(B, F, g), torch.rand(B, F, generator=g) * 1000
+    cond = M.image_cond(clean[:, :, 0], F)
+    draws = torch.Generator().manual_seed(11)
+    eps = torch.cat([torch.randn(B, 4, 2, 4, 4, generator=draws) for _ in range(F // 2)], 2)  # commit's draws, in order
+    sigma = torch.full((B, F), 0.4)
+    sigma[:, 0] = 0.0  # frame 0 (the sink: the given image) stays clean
+    with torch.no_grad():
+        tf = net(noisy, t, ctx, cams, cond, clean=M.add_noise(clean, eps, sigma[:, None, :, None, None]),
+                 clean_t=1000 * sigma)
+        cache, outs, draws = net.new_cache(B, 4, 4, sink=1, window=8), [], torch.Generator().manual_seed(11)
+        for s in range(0, F, 2):
+            sl = slice(s, s + 2)
+            outs.append(net(noisy[:, :, sl], t[:, sl], ctx, cams.frames(s, s + 2), cond[:, :, sl], cache=cache,
+                            frame_offset=s))
+            M.commit(net, cache, clean[:, :, sl], s, ctx, cams.frames(s, s + 2), cond[:, :, sl], draws)
+        assert (torch.cat(outs, 2) - tf).abs().max() < 1e-4
+        plain = net(noisy, t, ctx, cams, cond, clean=clean)
+        assert (plain - tf).abs().max() > 1e-3  # the context noise does change what the model sees
+
+
+def test_noisy_context_levels():
+    cfg = M.make_config("tiny", context_noise=0.8)
+    g = torch.Generator().manual_seed(0)
+    x0, noise, u = torch.randn(3, 12, 6, 4, 4, generator=g), torch.randn(3, 12, 6, 4, 4, generator=g), torch.rand(3, 6, generator=g)
+    ctx, t = M.noisy_context(x0, u, noise, cfg, chunk=2)
+    assert torch.equal(ctx[:, :, 0], x0[:, :, 0]) and (t[:, 0] == 0).all()  # frame 0: the given image, clean
+    assert torch.equal(t[:, 2], t[:, 3]) and (t <= 800).all() and t[:, 2:].min() >= 0  # one level per chunk
+    sigma = (t / 1000)[:, None, :, None, None]
+    assert torch.allclose(ctx, (1 - sigma) * x0 + sigma * noise)
+    assert M.noisy_context(x0, u, noise, M.make_config("tiny"), 2) == (x0, None)  # a clean-context model

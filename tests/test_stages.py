@@ -306,3 +306,21 @@ def test_infer_bf16_weights_give_nearly_the_fp32_video(tmp_path):
     assert videos[0].shape == videos[1].shape == (6, 256, 256, 3)
     diff = np.abs(videos[0] - videos[1])
     assert 0 < diff.mean() < 3 and diff[1].mean() < 2  # bf16 rounding, not another video (0..255 scale)
+
+
+def test_dmd_long_rollout_carries_gradient_only_in_the_scored_window():
+    student, b = tiny_net(chunk=2), batch(B=2, F=4)
+    few = M.few_step_sigmas((1000, 750, 500, 250))
+    cams = cameras.load_cameras("w*7")  # an 8-frame rollout, scored from frame 4 on
+    cams = type(cams)(cams.w2c.expand(2, -1, -1, -1), cams.K.expand(2, -1, -1))
+    noise = torch.randn(2, 12, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def grads(part):  # the parameters' gradient of a loss on the frames `part` of a fresh rollout
+        student.zero_grad()
+        x = train_dmd.self_rollout(student, noise, b["text"], cams, b["x0"][:, :, 0], few, exit_step=1,
+                                   generator=torch.Generator().manual_seed(1), grad_from=4, sink=1, window=4)
+        assert x.shape == (2, 12, 8, 8, 8)
+        x[:, :, part].pow(2).mean().backward()
+        return sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None)
+    assert grads(slice(0, 4)) == 0  # the lead-in to the window ran without gradient
+    assert grads(slice(4, 8)) > 0  # the window's chunks carry it through their exit step
