@@ -129,6 +129,20 @@ def bench_scale(cfg, device):
     video_frames = 4 * cfg.chunk  # a latent frame is 4 video frames
     numbers["fps_dit"] = video_frames / t_steady
     rows.append(("first chunk: 4 steps + commit, PRoPE branch, empty cache", t_first, ""))
+
+    # the PRoPE branch as H more heads of the main SDPA call (model.SelfAttention, the concatenation of the
+    # chunk's q, k, v included) vs two calls, one attention of a steady chunk over the full cache
+    H, D, tpf = base.num_heads, base.head_dim, h * w
+    q = torch.randn(1, 2 * H, cfg.chunk * tpf, D, device=device, dtype=dtype)  # (B, 2H, chunk tokens, D)
+    k, v = (torch.randn(1, 2 * H, (1 + cfg.window + cfg.chunk) * tpf, D, device=device, dtype=dtype) for _ in "kv")
+    sdpa, halves = torch.nn.functional.scaled_dot_product_attention, lambda t: (t[:, :H], t[:, H:])
+    with torch.no_grad():
+        t_two = timed(lambda: (sdpa(q[:, :H], k[:, :H], v[:, :H]), sdpa(q[:, H:], k[:, H:], v[:, H:])), cfg.repeats, device)
+        t_one = timed(lambda: (torch.cat(halves(q), 1), torch.cat(halves(k[:, :, -q.shape[2]:]), 1),
+                               torch.cat(halves(v[:, :, -q.shape[2]:]), 1), sdpa(q, k, v)), cfg.repeats, device)
+    numbers["branch_one_call_vs_two"] = t_one / t_two
+    rows.append(("PRoPE branch attention, one call of 2H heads", t_one, f"x{t_one / t_two:.2f} of two calls"))
+    rows.append(("PRoPE branch attention, two calls of H heads", t_two, ""))
     rows.append((f"steady chunk: sink 1 + window {cfg.window}", t_steady, f"{numbers['fps_dit']:.1f} frames/s DiT only"))
 
     # 3. the streaming VAE decode of a chunk (Wan2.1's VAE architecture; tiny with --quick)

@@ -435,6 +435,11 @@ class MMKVCache(M.KVCache):
     cross-attention) plus the camera of the last committed frame: the previous pose of the next chunk's
     first action label (WorldPlay)."""
 
+    @staticmethod
+    def layout(cfg):
+        """k, v (+ k, v of the PRoPE branch, which also attends to the text keys: its own tensors), H heads."""
+        return (4 if cfg.prope == "branch" else 2), cfg.num_heads
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.last_w2c = None  # (B, 4, 4)

@@ -251,13 +251,18 @@ class KVCache:
     def __init__(self, cfg, batch, tokens_per_frame, sink=1, window=64, chunk=None, device=None, dtype=torch.float32):
         self.tpf, self.sink, self.window, self.chunk = tokens_per_frame, sink, window, chunk or cfg.chunk
         self.slots = sink + window + self.chunk  # in frames
-        shape = (batch, cfg.num_heads, self.slots * tokens_per_frame, cfg.head_dim)
-        n = 4 if cfg.prope == "branch" else 2  # k, v (+ k, v of the PRoPE branch)
+        n, heads = self.layout(cfg)
+        shape = (batch, heads, self.slots * tokens_per_frame, cfg.head_dim)
         self.kv = [[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)] for _ in range(cfg.num_layers)]
         self.text = [None] * cfg.num_layers  # (context, (k, v)) of each layer's cross-attention (DiT.text_kv)
         self.filled = 0  # frames in the [sink | window] prefix
         self.frames_written = 0  # absolute index of the next frame to commit
         self.at = 0  # the slot (frame) where the chunk of the current forward sits
+
+    @staticmethod
+    def layout(cfg):
+        """(tensors per layer, heads): k and v; the PRoPE branch's k and v ride along as H more heads."""
+        return 2, cfg.num_heads * (2 if cfg.prope == "branch" else 1)
 
     def reset(self):
         """Empty the cache for a new rollout, keeping its memory."""
@@ -330,21 +335,24 @@ class SelfAttention(nn.Module):
             vr = v
         else:
             qr, kr, vr = apply_rope(q, *pos["rope"]), apply_rope(k, *pos["rope"]), v
-        new = [kr, vr]
-        branch = self.cfg.prope == "branch" and cams is not None
-        if branch:  # parallel attention on the pre-RoPE q, k, v under the full projective transform
+        branch = self.cfg.prope == "branch"
+        if branch and cams is not None:
+            # the parallel attention on the pre-RoPE q, k, v under the full projective transform, as H more
+            # heads of the same call: one fused kernel instead of two (bench.py --preset: the two side by side)
             P, Pi = cams
-            qb = prope.apply(q, P.mT)
-            new += [prope.apply(k, Pi), prope.apply(v, Pi)]
-        mask = pos["mask"]
+            qr, kr, vr = (torch.cat(pair, 1) for pair in ((qr, prope.apply(q, P.mT)), (kr, prope.apply(k, Pi)),
+                                                          (vr, prope.apply(v, Pi))))  # (B, 2H, N, D)
+        elif branch and pos["cache"] is not None:  # no cameras: zero branch heads keep the cache's 2H layout
+            qr, kr, vr = (torch.cat([t, torch.zeros_like(t)], 1) for t in (qr, kr, vr))
+        new, mask = [kr, vr], pos["mask"]
         if pos["cache"] is not None:
             new, mask = pos["cache"].attend(layer, new, pos["n_frames"], pos["commit"])
-        o = attention(qr, new[0], new[1], mask)  # (B, H, N, D)
+        o = attention(qr, new[0], new[1], mask)  # (B, H, N, D); (B, 2H, N, D) with the branch
         if pd and cams is not None:
             o = torch.cat([prope.apply(o[..., :pd], cams[0]), o[..., pd:]], -1)
-        out = self.o(o.transpose(1, 2).reshape(B, N, -1))
-        if branch:
-            ob = prope.apply(attention(qb, new[2], new[3], mask), cams[0])
+        out = self.o(o[:, :H].transpose(1, 2).reshape(B, N, -1))
+        if branch and cams is not None:
+            ob = prope.apply(o[:, H:], cams[0])
             out = out + self.prope_proj(ob.transpose(1, 2).reshape(B, N, -1))
         return out
 

@@ -159,6 +159,31 @@ def test_branch_is_exact_at_init_and_reaches_output_when_nonzero():
         assert (net(x, t, ctx, cams) - net(x, t, ctx, None)).abs().max() > 1e-3
 
 
+def test_branch_in_one_call_equals_two_attentions():
+    """The PRoPE branch rides as H more heads of the main SDPA call; written out as two calls, the same."""
+    net = tiny("branch", seed=2)
+    attn = net.blocks[0].self_attn
+    with torch.no_grad():
+        attn.prope_proj.weight.normal_(0, 0.3)
+    B, F, tpf, H, D = 2, 2, 4, attn.cfg.num_heads, attn.cfg.head_dim
+    g = torch.Generator().manual_seed(3)
+    x, cams = torch.randn(B, F * tpf, attn.cfg.dim, generator=g), random_cameras(B, F, g)
+    P, Pi = cams.matrices()  # (B, F, 4, 4) each
+    rope = M.rope_tables(D, torch.arange(F), 2, 2, attn.cfg.rope_theta, "cpu")
+    pos = dict(cams=(P, Pi), rope=rope, mask=None, cache=None, n_frames=F, commit=False)
+    with torch.no_grad():
+        got = attn(x, pos)
+        split = lambda t: t.view(B, -1, H, D).transpose(1, 2)
+        q, k, v = split(attn.norm_q(attn.q(x))), split(attn.norm_k(attn.k(x))), split(attn.v(x))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        main = sdpa(M.apply_rope(q, *rope), M.apply_rope(k, *rope), v)
+        side = prope.apply(sdpa(prope.apply(q, P.mT), prope.apply(k, Pi), prope.apply(v, Pi)), P)
+        merge = lambda o: o.transpose(1, 2).reshape(B, -1, H * D)
+        want = attn.o(merge(main)) + attn.prope_proj(merge(side))
+    assert (got - want).abs().max() < 1e-5
+    assert (attn.prope_proj(merge(side))).abs().max() > 1e-2  # the branch counts
+
+
 def test_prope_closed_form_inverse():
     cams = random_cameras(2, 3, torch.Generator().manual_seed(2))
     P, Pi = cams.matrices()
