@@ -336,6 +336,57 @@ def save_video(path, video, fps=8, scale=4):
         imageio.mimsave(path, list(frames), fps=fps, macro_block_size=1)
 
 
+
+MAX_GIF_FRAMES = 256  # a GIF is held in memory until it is written: longer streams keep their first frames
+
+
+class Writers:
+    """STEM.mp4 + STEM.gif, appended frame by frame, each scaled up (nearest: crisp pixels) to about 256 px.
+
+    Both are written to temporary files beside their targets and renamed into place by close(), so a
+    killed or failed run leaves any older STEM.mp4 / STEM.gif as they were (abort() removes the
+    temporaries). The mp4 streams to disk; a GIF is held in memory until written, so it keeps the
+    first MAX_GIF_FRAMES frames of a longer stream (memory stays flat; the mp4 has every frame).
+    """
+
+    def __init__(self, stem, fps, height):
+        import imageio.v2 as imageio
+        os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+        self.scale = max(1, 256 // height)
+        self.targets = [stem + ".mp4", stem + ".gif"]
+        self.temps = [f"{stem}.tmp{os.getpid()}{ext}" for ext in (".mp4", ".gif")]  # the suffix names the format
+        self.mp4 = imageio.get_writer(self.temps[0], fps=fps, macro_block_size=1)
+        self.gif = imageio.get_writer(self.temps[1], mode="I", duration=1000 / fps, loop=0)
+        self.frames = 0
+
+    @property
+    def gif_capped(self):
+        return self.frames > MAX_GIF_FRAMES
+
+    def append(self, frame):  # (H, W, 3) uint8
+        big = frame.repeat(self.scale, 0).repeat(self.scale, 1)
+        self.mp4.append_data(big)
+        if self.frames < MAX_GIF_FRAMES:
+            self.gif.append_data(big)
+        self.frames += 1
+
+    def close(self):
+        self.mp4.close()
+        self.gif.close()
+        for temp, target in zip(self.temps, self.targets):
+            os.replace(temp, target)
+
+    def abort(self):
+        for writer in (self.mp4, self.gif):
+            try:
+                writer.close()
+            except Exception:  # a half-written file: it is removed just below anyway
+                pass
+        for temp in self.temps:
+            if os.path.exists(temp):
+                os.remove(temp)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="minWM data: cache real videos for training")
     sub = parser.add_subparsers(dest="command", required=True)

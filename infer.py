@@ -64,7 +64,6 @@ class StreamConfig:
 
 
 MAX_SIDE = 2048  # pixels: the procedural world ray casts 4 rays per pixel; larger frames exhaust memory
-MAX_GIF_FRAMES = 256  # a GIF is held in memory until it is written: longer streams keep their first frames
 SMALL_MODEL = 50e6  # parameters: below it a CPU rollout runs on one thread
 
 
@@ -279,53 +278,6 @@ def open_stream(cfg, net, codec, cams):
     return Stream(net, codec, codec.stream(), frame0, first, text, cache, gen, sigmas, renoise=cfg.sampler == "few")
 
 
-class Writers:
-    """STEM.mp4 + STEM.gif, appended frame by frame, each scaled up (nearest: crisp pixels) to about 256 px.
-
-    Both are written to temporary files beside their targets and renamed into place by close(), so a
-    killed or failed run leaves any older STEM.mp4 / STEM.gif as they were (abort() removes the
-    temporaries). The mp4 streams to disk; a GIF is held in memory until written, so it keeps the
-    first MAX_GIF_FRAMES frames of a longer stream (memory stays flat; the mp4 has every frame).
-    """
-
-    def __init__(self, stem, fps, height):
-        import imageio.v2 as imageio
-        os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-        self.scale = max(1, 256 // height)
-        self.targets = [stem + ".mp4", stem + ".gif"]
-        self.temps = [f"{stem}.tmp{os.getpid()}{ext}" for ext in (".mp4", ".gif")]  # the suffix names the format
-        self.mp4 = imageio.get_writer(self.temps[0], fps=fps, macro_block_size=1)
-        self.gif = imageio.get_writer(self.temps[1], mode="I", duration=1000 / fps, loop=0)
-        self.frames = 0
-
-    @property
-    def gif_capped(self):
-        return self.frames > MAX_GIF_FRAMES
-
-    def append(self, frame):  # (H, W, 3) uint8
-        big = frame.repeat(self.scale, 0).repeat(self.scale, 1)
-        self.mp4.append_data(big)
-        if self.frames < MAX_GIF_FRAMES:
-            self.gif.append_data(big)
-        self.frames += 1
-
-    def close(self):
-        self.mp4.close()
-        self.gif.close()
-        for temp, target in zip(self.temps, self.targets):
-            os.replace(temp, target)
-
-    def abort(self):
-        for writer in (self.mp4, self.gif):
-            try:
-                writer.close()
-            except Exception:  # a half-written file: it is removed just below anyway
-                pass
-        for temp in self.temps:
-            if os.path.exists(temp):
-                os.remove(temp)
-
-
 def check_outputs(cfg, ckpt, stem):
     """The files this run writes must not be its inputs or a checkpoint, and their folder must be writable."""
     if not os.path.basename(stem) or cfg.out.endswith(os.sep):
@@ -381,7 +333,7 @@ def main():
         chunks, bar = interactive_chunks(walker(cfg), chunk, cfg.width, cfg.height), None
 
     # stream: the video files appear only when the run completes (Writers), the old ones stay until then
-    out = Writers(stem, cfg.fps, cfg.height)
+    out = data.Writers(stem, cfg.fps, cfg.height)
     latencies, seen, t_begin = [], [], time.perf_counter()
     try:
         for cams in chunks:
@@ -409,9 +361,9 @@ def main():
                   frames=stream.start, chunks=len(latencies), first_chunk_latency_s=latencies[0],
                   chunk_latency_s=latencies, fps=stream.start / sum(latencies), wall_s=total_time,
                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  gif_frames=min(out.frames, MAX_GIF_FRAMES))
+                  gif_frames=min(out.frames, data.MAX_GIF_FRAMES))
     common.atomic_write(stem + ".json", lambda p: open(p, "w").write(json.dumps(report, indent=1)))
-    note = f" (the gif holds the first {MAX_GIF_FRAMES} frames)" if out.gif_capped else ""
+    note = f" (the gif holds the first {data.MAX_GIF_FRAMES} frames)" if out.gif_capped else ""
     print(f"wrote {stem}.mp4/.gif/_path.png/.json: {stream.start} latent frames in {len(latencies)} chunks, "
           f"first chunk {latencies[0] * 1000:.0f} ms, {report['fps']:.1f} latent frames/s{note}")
 

@@ -64,6 +64,7 @@ import torch
 
 import cameras
 import common
+import data
 import infer
 from prope import Cameras
 
@@ -202,7 +203,7 @@ class Game:
             n += 1
         stem = f"{self.cfg.out}_{n:03d}"
         frames = np.memmap(self.frames_file.name, np.uint8, "r", shape=(self.frame_count, *self.frame_shape))
-        out = infer.Writers(stem, self.cfg.fps, self.cfg.height)
+        out = data.Writers(stem, self.cfg.fps, self.cfg.height)
         for frame in frames:  # read back from disk a frame at a time: flat memory
             out.append(np.asarray(frame))
         out.close()

@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import infer
 
 from helpers import ROOT, run
@@ -103,7 +104,7 @@ def gif_frames(path):
 
 def as_gif(frames, path):
     """Frames through infer.py's own writer (8x nearest upscale, then GIF's palette) -> decoded frames."""
-    out = infer.Writers(str(path), 8, frames.shape[1])
+    out = data.Writers(str(path), 8, frames.shape[1])
     for f in frames:
         out.append(f)
     out.close()
@@ -128,12 +129,14 @@ def test_frames_follow_the_keys_and_equal_infer(server, tmp_path):
     r = run(["infer.py", "--actions=w*5,l*4,x*2", f"--out={tmp_path}/infer.mp4"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert np.array_equal(gif_frames(f"{tmp_path}/infer.gif"), as_gif(frames, tmp_path / "ours"))
-    # frames change with the action: walking moves the picture more than standing still
+    # frames change with the action: walking moves the picture more than standing still, compared at the
+    # scale of objects (8x8-pixel means): the model redraws fine grain every frame even standing still
     still, _ = play(server, ["x", "x", "x"])
     assert np.array_equal(still[0], frames[0])  # the same first frame
-    walked = np.abs(frames[5].astype(int) - frames[0]).mean()
-    stood = np.abs(still[5].astype(int) - still[0]).mean()
-    assert walked > 2 * stood and walked > 5, (walked, stood)
+    coarse = lambda f: f.astype(float).reshape(4, 8, 4, 8, 3).mean((1, 3))  # (32, 32, 3) -> (4, 4, 3)
+    walked = np.abs(coarse(frames[5]) - coarse(frames[0])).mean()
+    stood = np.abs(coarse(still[5]) - coarse(still[0])).mean()
+    assert walked > 2 * stood and walked > 4, (walked, stood)
 
 
 def test_state_and_reset(server):
