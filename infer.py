@@ -332,7 +332,7 @@ def main():
     else:
         chunks, bar = interactive_chunks(walker(cfg), chunk, cfg.width, cfg.height), None
 
-    # stream: the video files appear only when the run completes (Writers), the old ones stay until then
+    # stream: the video files appear only when the run completes (data.Writers), the old ones stay until then
     out = data.Writers(stem, cfg.fps, cfg.height)
     latencies, seen, t_begin = [], [], time.perf_counter()
     try:
