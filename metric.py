@@ -7,8 +7,10 @@ measured the same way, each with its own sampler (`metric_fns`):
   gain_static     psnr - psnr of a static copy of frame 0
   control_margin  psnr - psnr of the same model fed the mirrored path (scored against the true path);
                   margin_wins: the share of clips where the true path scores higher
-  oracle_margin   psnr - psnr of the TRUE rendering along the mirrored path: the most a perfect
-                  follower could get; margin_ratio = control_margin / oracle_margin
+  oracle_margin   psnr - psnr of the TRUE rendering along the mirrored path: the margin this model
+                  would have if it followed the mirrored cameras perfectly; margin_ratio =
+                  control_margin / oracle_margin. It contains the model's own psnr, so it differs
+                  between models on the same clips: compare margin_ratio across stages
   loss_gap@s      flow-matching loss with mirrored vs true cameras at fixed sigma s and fixed noise,
                   relative ((L_mirror - L_true) / L_true): fast and sensitive, usable while training
   sharpness       image-gradient energy of generated frames / the truth's (1.0 = as sharp): PSNR

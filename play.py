@@ -21,10 +21,11 @@ Protocol (the standard library's HTTP server; answers are JSON; a bad request ge
                       -> {"chunk", "frames" (indices made), "frame_count", "latency_ms", "steps" (as played,
                           padding included), "pose"}
                       ?format=png (or jpeg) adds "images": base64 files of those frames at native size.
-                      One generation at a time: a request that comes while a chunk is being made gets
-                      409 {"error": "busy: ..."}. ?client=ID (each tab sends one): the tab whose action
-                      was answered in the last HOLD_S seconds drives, another tab gets 409 and watches
-                      /stream; requests without an ID (scripts) only take turns.
+                      One generation at a time. ?client=ID (each tab sends one): the tab whose action was
+                      answered in the last HOLD_S seconds drives, and its request that comes while a chunk
+                      is being made waits for it (the page keeps two in flight, so the next chunk starts
+                      the moment one ends); another tab gets 409 {"error": "busy: ..."} and watches
+                      /stream. Requests without an ID (scripts) only take turns: busy -> 409.
   GET  /state         {"frame_count", "chunks", "scene_seed", "seed", "action", "latency_ms", "pose"
                        (x, y, z metres, yaw and pitch degrees), "path" (x, z per chunk, thinned), "busy", ...}
   POST /reset         back to frame 0. Body: nothing (same scene), {"scene": "new"} (the next seed) or
@@ -71,6 +72,7 @@ from prope import Cameras
 MAX_BODY = 4096  # bytes of a request body; larger: 413
 MAX_STEPS = 64  # action steps per request
 HOLD_S = 2.0  # a tab that sent an action this recently keeps the keys
+QUEUE_S = 2.0  # a tab's request that comes while its previous chunk is being made waits this long for it
 MAX_PATH = 1024  # map points kept (then every other one is dropped)
 
 
@@ -175,8 +177,9 @@ class Game:
     # ---- holding the game
 
     def hold(self, doing, client="", wait=0.0):
-        """Take the lock for `doing` or raise Busy. A named client (a tab) other than the driver also
-        waits until the driver has been quiet for HOLD_S; requests without a name (scripts) only take turns."""
+        """Take the lock for `doing` (waiting up to `wait` s) or raise Busy. A named client (a tab) other than
+        the driver is refused until the driver has been quiet for HOLD_S; requests without a name (scripts)
+        only take turns."""
         if client and self.driver not in ("", client) and time.monotonic() - self.driven_at < HOLD_S:
             raise Busy("busy: another tab is playing (it has the keys); this one watches")
         got = self.lock.acquire(timeout=wait) if wait else self.lock.acquire(blocking=False)
@@ -362,7 +365,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.fail(400, e)
         game, client = self.game, self.query.get("client", [""])[0][:64]
         try:
-            game.hold("making a chunk", client)
+            game.hold("making a chunk", client, wait=QUEUE_S if client else 0.0)
         except Busy as e:
             return self.fail(409, e)
         try:
@@ -540,7 +543,9 @@ async function post(url, body) {
   return [r, await r.json()];
 }
 
-// the game loop: one chunk per request, as fast as the server makes them
+// the game loop: one chunk per request, as fast as the server makes them. Two loops run, so one request
+// waits at the server while the other's chunk is made: the next chunk starts the moment one ends, not a
+// round trip (and the browser's drawing) later
 async function loop() {
   for (;;) {
     if (paused || document.hidden) { status(paused ? "paused" : "hidden"); await sleep(100); continue; }
@@ -635,7 +640,7 @@ $("save").onclick = async () => {
 };
 addEventListener("load", () => {
   $("view").src = "/stream?format=png";   // after load: a stream never finishes loading
-  drawMap(); loop(); poll();
+  drawMap(); loop(); loop(); poll();
 });
 </script>
 </body></html>

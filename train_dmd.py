@@ -12,9 +12,11 @@ the teacher's - matching a distribution rather than regressing to a blurry mean.
 
 Long rollouts (Self-Forcing++; README, Long rollouts): the student rolls out `rollout_frames` (32) through
 the cache it streams with at inference (sink + window, each chunk committed as model.commit does),
-and a random window of `frames` (8, the teachers' clip length) is scored, conditioned on its own first
-frame; only the window's chunks carry gradient. So the student is trained in the states a long
-rollout reaches - after its own errors - not only in the first 8 frames.
+and a random window of `frames` (8, the teachers' clip length) is scored; only the window's chunks carry
+gradient. So the student is trained in the states a long rollout reaches - after its own errors - not
+only in the first 8 frames. Both scores see the window conditioned on the training clip's TRUE frame at
+the window's start (`window_cond`): judged against its own first frame, a window whose colours had
+drifted looked as plausible as any, and rollouts drifted (README, Long rollouts).
 
     python train_dmd.py --ckpt=out/cd --teacher=out/bidir
     python train_dmd.py --ckpt=out/cd --teacher=out/bidir --quick
@@ -49,6 +51,12 @@ class Config(common.StageConfig):
     critic_lr: float = 6e-5  # fake score: twice the generator's, so the critic keeps up
     rollout_frames: int = 32  # > frames: roll out this long (Self-Forcing++) and score a random window of
     #                           `frames` (the teacher's clip length) of it; 0 = frames (Self-Forcing)
+    window_cond: str = "true"  # the first frame a window past frame 0 is scored given: "true" (the training
+    #                            clip's frame there: the scores judge the window against where the world should be,
+    #                            so a rollout that drifted scores badly) or "own" (the rollout's own frame there:
+    #                            data-free, as Self-Forcing++; it let colours drift, README Long rollouts)
+    context_sigma: float = -1.0  # the noise each rolled-out chunk enters the cache with (model.commit); it goes
+    #                              into the student's model config, so infer.py commits the same: -1 = the student's
     sink: int = M.STREAM_SINK  # the student's cache while rolling out, as at inference
     window: int = M.STREAM_WINDOW
     log_every: int = 1  # a step takes seconds: log every one
@@ -92,6 +100,15 @@ def self_rollout(student, noise, text, cams, first, sigmas, exit_step, generator
     return torch.cat(out, 2)
 
 
+def window_first(x0, window, start, how):
+    """The first frame (B, C, h, w) both scores condition a window of the rollout on: frame 0 is the
+    given image; past it the window's own first frame ("own") or the true one at `start` ("true", from
+    the training clip x0 (B, C, R, h, w)): a window that drifted from the world then scores badly."""
+    if start == 0:
+        return x0[:, :, 0]
+    return x0[:, :, start] if how == "true" else window[:, :, 0]
+
+
 def dmd_loss(x_g, real, fake, text, cams, cond, sigma, noise, guidance=1.0):
     """Stage 3 generator loss: 0.5 || x_g - sg(x_g - grad) ||² has gradient ∝ grad w.r.t. x_g, with
 
@@ -110,10 +127,14 @@ def dmd_loss(x_g, real, fake, text, cams, cond, sigma, noise, guidance=1.0):
 
 def main():
     cfg = common.parse_config(Config, quick=QUICK)
+    if cfg.window_cond not in ("own", "true"):
+        common.die(f"--window_cond={cfg.window_cond} must be 'true' or 'own'")
     rank, local_rank, world, device, stem = common.start(cfg)
     if cfg.fsdp:  # three models, several forwards per backward: sharded DMD is not written yet
         common.die("--fsdp: train_dmd.py does not shard yet; run it with DDP (plain torchrun)")
     student = common.or_die(M.load_pretrained, cfg.ckpt, model_config=cfg.model_config).to(device).train()
+    if cfg.context_sigma >= 0:
+        student.cfg.context_sigma = cfg.context_sigma
     real = common.frozen(common.or_die(M.load_pretrained, cfg.teacher, model_config=cfg.model_config).to(device))
     if real.cfg.out_channels != student.cfg.out_channels or real.cfg.prope != student.cfg.prope:
         common.die(f"--teacher {cfg.teacher} and --ckpt {cfg.ckpt} are different architectures")
@@ -166,15 +187,15 @@ def main():
                     x_s = M.sample_ar(student, noise_roll, text, cams.frames(0, stop), M.image_cond(first, stop), few,
                                       renoise=True, sink=cfg.sink, window=cfg.window, generator=generator)[:, :, start:]
                 # the fake score learns the student's distribution: flow matching on its samples, each window
-                # conditioned on its own first frame (the given one at the start, a generated one later)
-                cond = M.image_cond(first if start == 0 else x_s[:, :, 0], F_)
+                # conditioned as the generator's window is scored (window_first)
+                cond = M.image_cond(window_first(x0, x_s, start, cfg.window_cond), F_)
                 loss_f = M.flow_matching_loss(fake, x_s, noise, sigma, text, cams_w, cond)
                 common.optimizer_step(loss_f, opt_f, fake, cfg, step, average_grads=True)
             else:  # generator: self-rollout with one shared exit step, DMD gradient on the window
                 exit_step = int(torch.randint(len(few) - 1, (), generator=torch.Generator().manual_seed(seed)))
                 x_g = self_rollout(student, noise_roll, text, cams.frames(0, stop), first, few, exit_step,
                                    generator=generator, grad_from=start, sink=cfg.sink, window=cfg.window)[:, :, start:]
-                cond = M.image_cond(first if start == 0 else x_g[:, :, 0].detach(), F_)
+                cond = M.image_cond(window_first(x0, x_g.detach(), start, cfg.window_cond), F_)
                 loss_g = dmd_loss(x_g, real, fake, text, cams_w, cond, sigma, noise, cfg.guidance)
                 gnorm = common.optimizer_step(loss_g, opt_g, student, cfg, step, ema, average_grads=True)
         if common.end_of_step(cfg, step + 1, bar, t0, dict(critic=loss_f, dmd=loss_g, gnorm=gnorm, exit=exit_step), saves):

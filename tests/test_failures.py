@@ -145,6 +145,8 @@ CASES = [
     (["train_ar.py", "--quick", "--ckpt={d}/bare.pt", "--out_dir={d}/t"], "carry no model config"),
     (["train_ar.py", "--quick", "--ckpt={d}/missing", "--out_dir={d}/t"], "no such file"),
     (["train_dmd.py", "--quick", "--ckpt={d}/dmd", "--teacher={d}/evil.pt", "--out_dir={d}/t"], "not a plain tensor"),
+    (["train_dmd.py", "--quick", "--ckpt={d}/dmd", "--window_cond=mine", "--out_dir={d}/t"], "--window_cond=mine must be"),
+    (["train_ar.py", "--quick", "--context_sigma=-1", "--ckpt={d}/run/bidir", "--out_dir={d}/t"], "--context_sigma=-1.0 must be in [0, 1]"),
     (["train_ode.py", "--quick", "--ckpt={d}/dmd", "--ode_steps=7", "--out_dir={d}/t"], "does not put grid points"),
     # tools
     (["metric.py", "plot", "{d}/run", "missing_name"], "training log not found"),

@@ -272,6 +272,16 @@ def test_one_generation_at_a_time(server):
     server.act("x", client="tab1")
     status, answer = server.call("POST", "/action?client=tab2", "w")
     assert status == 409 and "another tab is playing" in answer["error"]
+    # the driving tab's second request in flight waits for the chunk before it (the page keeps two going)
+    before, answers = server.call("GET", "/state")[1]["frame_count"], []
+    threads = [threading.Thread(target=lambda: answers.append(server.call("POST", "/action?format=none&client=tab1",
+                                                                          "w*8"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [s for s, _ in answers] == [200, 200]
+    assert sorted(f for _, a in answers for f in a["frames"]) == list(range(before, before + 16))
     assert server.act("x", fmt="none")["frames"]
 
 

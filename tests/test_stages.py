@@ -308,6 +308,14 @@ def test_infer_bf16_weights_give_nearly_the_fp32_video(tmp_path):
     assert 0 < diff.mean() < 3 and diff[1].mean() < 2  # bf16 rounding, not another video (0..255 scale)
 
 
+def test_dmd_window_is_scored_given_the_true_or_its_own_first_frame():
+    truth, window = torch.randn(2, 12, 16, 4, 4), torch.randn(2, 12, 8, 4, 4)  # a 16-frame clip, a window of 8
+    for how in ("true", "own"):  # the window at the start: frame 0 is the given image either way
+        assert torch.equal(train_dmd.window_first(truth, window, 0, how), truth[:, :, 0])
+    assert torch.equal(train_dmd.window_first(truth, window, 6, "true"), truth[:, :, 6])
+    assert torch.equal(train_dmd.window_first(truth, window, 6, "own"), window[:, :, 0])
+
+
 def test_dmd_long_rollout_carries_gradient_only_in_the_scored_window():
     student, b = tiny_net(chunk=2), batch(B=2, F=4)
     few = M.few_step_sigmas((1000, 750, 500, 250))
