@@ -46,11 +46,14 @@ class Config(common.StageConfig):
     critic_steps: int = 3  # fake-score updates per generator update (each one a rollout: 3 keeps long ones affordable)
     sigma_min: float = 0.02  # range of the noise level at which both scores are queried
     sigma_max: float = 0.98
-    max_steps: int = 200  # generator steps
-    lr: float = 3e-5  # generator (2e-6 at scale; the tiny model moves too little at 1e-5 in 200 steps)
+    max_steps: int = 400  # generator steps
+    lr: float = 3e-5  # generator (2e-6 at scale; the tiny model moves too little at 1e-5 in 200 steps). Both
+    #                   learning rates stay constant, as in Self-Forcing: --warmup and --min_lr do not apply here
     critic_lr: float = 6e-5  # fake score: twice the generator's, so the critic keeps up
     rollout_frames: int = 32  # > frames: roll out this long (Self-Forcing++) and score a random window of
     #                           `frames` (the teacher's clip length) of it; 0 = frames (Self-Forcing)
+    first_window: float = 0.0  # the probability that the window scored is the rollout's first (frames 0..7: the
+    #                            short clip, as Self-Forcing) rather than one drawn uniformly over the rollout
     window_cond: str = "true"  # the first frame a window past frame 0 is scored given: "true" (the training
     #                            clip's frame there: the scores judge the window against where the world should be,
     #                            so a rollout that drifted scores badly) or "own" (the rollout's own frame there:
@@ -98,6 +101,14 @@ def self_rollout(student, noise, text, cams, first, sigmas, exit_step, generator
             M.commit(student, cache, x0.detach(), start, text, c_cams, cond, generator)
         out.append(x0)
     return torch.cat(out, 2)
+
+
+def window_start(seed, rollout, frames, chunk, first_window=0.0):
+    """The first frame of the window DMD scores in a rollout of `rollout` frames: a chunk-aligned start drawn
+    uniformly so that the window of `frames` fits, or 0 with probability first_window; fixed for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    start = chunk * int(torch.randint((rollout - frames) // chunk + 1, (), generator=g))
+    return 0 if torch.rand((), generator=g) < first_window else start
 
 
 def window_first(x0, window, start, how):
@@ -177,7 +188,7 @@ def main():
             seed = common.mix_seed(cfg.seed, step, j, rank)
             generator = torch.Generator(device).manual_seed(seed)
             # the window scored: F_ frames from a chunk-aligned start; the rollout runs up to its end
-            start = chunk * int(torch.randint((R - F_) // chunk + 1, (), generator=torch.Generator().manual_seed(seed)))
+            start = window_start(seed, R, F_, chunk, cfg.first_window)
             stop = start + F_
             noise_roll = torch.randn((*x0.shape[:2], stop, *x0.shape[3:]), generator=generator, device=device)
             cams_w, noise = cams.frames(start, stop), b["noise"][:, :, :F_]

@@ -12,7 +12,9 @@ reveals them. Scene seeds >= EVAL_SEED_BASE (10**9) are held out: training never
 A training clip (`make_clip`, which `data.training_source` calls) pairs a scene with a random path of
 the action vocabulary (`sample_trajectory`, 0.1-0.6 m and 2-10° per latent frame, fixed metric scale)
 and a caption embedded by `text_embedding` (a toy text encoder: one hashed vector per word);
-`heldout_path` gives the fixed held-out paths of the control metric (`metric.py`).
+`heldout_path` gives the fixed held-out paths of the control metric (`metric.py`), `long_heldout_path`
+those of the long-rollout metric, and `redraw_unseen` the same scene with the objects frame 0 does not show
+moved elsewhere (that metric's perfect-model baseline).
 """
 import math
 import re
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 from cameras import rotation, actions_to_cameras, mirror_cameras, rigid_inverse
+from prope import Cameras
 from common import mix_seed
 
 EVAL_SEED_BASE = 10**9  # scene seeds >= this are held out for evaluation
@@ -126,14 +129,15 @@ def _in_view(obj, w2c, K):
     return bool(((torch.stack(sides).amin(0) > -r) & (p[:, 2] > -r)).any())
 
 
-def render_world(scene_seed, cameras, height, width, return_labels=False, supersample=2):
+def render_world(scene_seed, cameras, height, width, return_labels=False, supersample=2, scene=None):
     """Ray cast a scene along `cameras` (relative to the start pose) -> video (3, F, H, W) in [-1, 1].
 
     Exact pinhole cameras from cameras.K (normalized) and cameras.w2c (first path of the batch).
     Each pixel averages supersample² rays. With return_labels also (F, H, W) long labels of what
     most of each pixel sees: SKY = 0, GROUND = 1, object k = 2 + k (object 0 stands straight ahead).
+    scene: a make_scene dict to render instead of scene_seed's own (redraw_unseen's).
     """
-    scene = make_scene(scene_seed)
+    scene = scene or make_scene(scene_seed)
     H, W = height * supersample, width * supersample
     w2c = (cameras.w2c[0].double() @ torch.tensor(start_w2c())).float()  # (F, 4, 4) in the world
     K = cameras.K[0].float()  # (F, 4)
@@ -227,14 +231,49 @@ def _path_ok(cameras, scene_seed=None, margin=1.0):
             and look_up.min() >= -65 and look_up.max() <= 15):
         return False
     for obj in make_scene(scene_seed)["objects"] if scene_seed is not None else []:
-        c, half = torch.tensor(obj["centre"]), torch.tensor(obj["half"])
-        if obj["kind"] == "sphere":
-            gap = (centres - c).norm(dim=-1) - half[0]
-        else:
-            gap = ((centres - c).abs() - half).clamp_min(0).norm(dim=-1)
-        if gap.min() < margin:
+        if _gap(obj, centres).min() < margin:
             return False
     return True
+
+
+def _gap(obj, centres):
+    """(F,) metres between each camera centre (F, 3) and an object's surface."""
+    c, half = torch.tensor(obj["centre"]), torch.tensor(obj["half"])
+    if obj["kind"] == "sphere":
+        return (centres - c).norm(dim=-1) - half[0]
+    return ((centres - c).abs() - half).clamp_min(0).norm(dim=-1)
+
+
+def redraw_unseen(scene_seed, cameras, height, width, draw=0, margin=1.0, tries=200):
+    """The scene as a perfect world model could imagine it from frame 0 and the caption alone: a scene dict
+    for render_world(scene=...), the long-rollout metric's re-drawn-world row.
+
+    What frame 0 shows stays (the ground, the sky, every object that changes frame 0); every other object
+    keeps its kind and colour (the caption names them, in order) and its size (which the caption does not
+    give: this flatters the baseline) and is put at a new place drawn as make_scene draws object k's, among
+    the places that leave frame 0 unchanged and that the path passes no closer than `margin` metres to (the
+    long paths keep that distance from every object). An object with no such place in `tries` keeps its own.
+    """
+    scene = make_scene(scene_seed)
+    first = Cameras(cameras.w2c[:1, :1], cameras.K[:1, :1])
+    frame0 = lambda objects: render_world(scene_seed, first, height, width, scene={**scene, "objects": objects})
+    n, rng, centres = len(scene["objects"]), np.random.default_rng([scene_seed, draw]), _world_centres(cameras)[0]
+    shown = [o for o in scene["objects"] if not torch.equal(frame0([o]), frame0([]))]
+    objects = []
+    for k, obj in enumerate(scene["objects"]):
+        if any(o is obj for o in shown):
+            objects.append(obj)
+            continue
+        for _ in range(tries):
+            angle = 0.0 if k == 0 else 2 * math.pi * (k + rng.uniform(-0.3, 0.3)) / n  # make_scene's prior
+            dist = rng.uniform(4.5, 6) if k == 0 else rng.uniform(3.5, 8)
+            new = {**obj, "centre": np.array([dist * math.sin(angle), obj["centre"][1], dist * math.cos(angle)])}
+            if _gap(new, centres).min() >= margin and torch.equal(frame0([new]), frame0([])):
+                objects.append(new)
+                break
+        else:
+            objects.append(obj)
+    return {**scene, "objects": objects}
 
 
 def sample_trajectory(generator, frames, trans_range=(0.1, 0.6), rot_range=(2.0, 10.0),

@@ -316,6 +316,17 @@ def test_dmd_window_is_scored_given_the_true_or_its_own_first_frame():
     assert torch.equal(train_dmd.window_first(truth, window, 6, "own"), window[:, :, 0])
 
 
+def test_dmd_window_start_is_chunk_aligned_uniform_or_the_first_window():
+    starts = [train_dmd.window_start(seed, 32, 8, 2) for seed in range(2000)]  # 13 possible starts: 0, 2, .., 24
+    assert set(starts) == set(range(0, 25, 2)) and starts == [train_dmd.window_start(s, 32, 8, 2) for s in range(2000)]
+    assert abs(starts.count(0) / 2000 - 1 / 13) < 0.03
+    assert all(train_dmd.window_start(s, 32, 8, 2, first_window=1.0) == 0 for s in range(50))
+    mixed = [train_dmd.window_start(seed, 32, 8, 2, first_window=0.5) for seed in range(2000)]
+    assert abs(mixed.count(0) / 2000 - (0.5 + 0.5 / 13)) < 0.04  # half the windows are the first
+    assert all(m in (0, s) for m, s in zip(mixed, starts))  # otherwise the same draw as without it
+    assert train_dmd.window_start(3, 8, 8, 2) == 0  # a rollout as long as the window: Self-Forcing
+
+
 def test_dmd_long_rollout_carries_gradient_only_in_the_scored_window():
     student, b = tiny_net(chunk=2), batch(B=2, F=4)
     few = M.few_step_sigmas((1000, 750, 500, 250))

@@ -161,3 +161,27 @@ def test_long_heldout_paths_wander_but_stay_in_the_scene():
     again = world.long_heldout_path(0, 512)
     assert again[1] == world.long_heldout_path(0, 512)[1]
     assert world.long_heldout_path(0, 64)[1] == again[1][:len(world.long_heldout_path(0, 64)[1])]
+
+
+def test_redraw_unseen_keeps_what_frame_0_shows_and_moves_the_rest_off_the_path():
+    places = lambda scene: [o["centre"].tolist() for o in scene["objects"]]
+    moved_any = False
+    for i in range(3):
+        scene_seed, _, cams = world.long_heldout_path(i, 96)
+        scene, redrawn = world.make_scene(scene_seed), world.redraw_unseen(scene_seed, cams, 16, 16)
+        assert places(redrawn) == places(world.redraw_unseen(scene_seed, cams, 16, 16))  # fixed for a draw
+        truth = world.render_world(scene_seed, cams, 16, 16)
+        video = world.render_world(scene_seed, cams, 16, 16, scene=redrawn)
+        assert torch.equal(video[:, 0], truth[:, 0])  # frame 0 is exactly the true one
+        centres, _ = world._world_centres(cams)
+        for old, new in zip(scene["objects"], redrawn["objects"]):
+            assert (old["kind"], old["colour"], old["half"].tolist()) == (new["kind"], new["colour"], new["half"].tolist())
+            assert new["centre"][1] == old["centre"][1]  # still resting on the ground
+            if not np.array_equal(old["centre"], new["centre"]):
+                moved_any = True
+                assert world._gap(new, centres).min() >= 1.0  # the path never runs into it
+                assert 3.5 <= np.linalg.norm(new["centre"][[0, 2]]) <= 8  # where make_scene puts objects
+        if places(redrawn) != places(scene):
+            assert (video[:, 1:] - truth[:, 1:]).abs().amax() > 0.1  # later frames see the other places
+            assert places(world.redraw_unseen(scene_seed, cams, 16, 16, draw=1)) != places(redrawn)
+    assert moved_any
