@@ -367,7 +367,9 @@ def ablation_tables(out_dir):
                                  and os.path.exists(os.path.join(out_dir, d, "bidir.metrics.jsonl")))
     rule = "|" + " --- |" * (ABLATION_HEAD.count("|") - 1)
     out = []
-    cams = runs("cam_")
+    level = lambda d: tuple(json.load(open(os.path.join(out_dir, d, "bidir.json")))["config"][k]
+                            for k in ("camera_noise", "camera_scale_drift"))
+    cams = sorted(runs("cam_"), key=level)  # exact first, then by how far the poses are off
     if cams:
         out += ["### Camera quality (Phase 1 on exact vs perception-like poses)", "",
                 ABLATION_HEAD.replace("| run |", "| poses: rotation / translation jitter, scale drift |"), rule]

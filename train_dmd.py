@@ -46,7 +46,7 @@ class Config(common.StageConfig):
     critic_steps: int = 3  # fake-score updates per generator update (each one a rollout: 3 keeps long ones affordable)
     sigma_min: float = 0.02  # range of the noise level at which both scores are queried
     sigma_max: float = 0.98
-    max_steps: int = 400  # generator steps
+    max_steps: int = 600  # generator steps
     lr: float = 3e-5  # generator (2e-6 at scale; the tiny model moves too little at 1e-5 in 200 steps). Both
     #                   learning rates stay constant, as in Self-Forcing: --warmup and --min_lr do not apply here
     critic_lr: float = 6e-5  # fake score: twice the generator's, so the critic keeps up

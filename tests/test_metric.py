@@ -97,6 +97,7 @@ def test_ablation_tables_from_fake_runs(tmp_path):
         (d / "bidir.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     fake_run("cam_exact")
     fake_run("cam_high", 0.08, 0.3, margins=(0.0, 0.1, 0.2))
+    fake_run("cam_low", 0.01, 0.05, margins=(0.0, 0.5, 1.5))
     fake_run("batch_samples_2", margins=(0.0, 0.5), every=9000)
     fake_run("batch_updates_16", margins=(0.0, 3.0))
     (tmp_path / "bench.json").write_text(json.dumps(dict(device="cpu", preset="tiny", first_chunk_s=0.05,
@@ -105,6 +106,8 @@ def test_ablation_tables_from_fake_runs(tmp_path):
     lines = text.splitlines()
     assert "| exact | 3000 | 3 min | +2.00 dB (70%) | +2.00 dB | 100% | +20% / +40% | +2.00 dB | 22.00 dB | 0.90 |" in lines
     assert any(line.startswith("| 0.08 rad / 0.08 m, drift 0.3 | 3000 | 3 min | +0.20 dB") for line in lines)
+    order = [line.split(" | ")[0] for line in lines if line.startswith(("| exact |", "| 0.0"))]
+    assert order == ["| exact", "| 0.01 rad / 0.01 m, drift 0.05", "| 0.08 rad / 0.08 m, drift 0.3"]  # by level
     curve = [line for line in lines if line.startswith("| exact poses |")]
     assert [line.split(" | ")[1] for line in curve] == ["1000", "2000", "3000"]  # the control curve, step by step
     assert lines.index([x for x in lines if x.startswith("| 2, equal samples")][0]) < \
