@@ -257,8 +257,9 @@ def redraw_unseen(scene_seed, cameras, height, width, draw=0, margin=1.0, tries=
     scene = make_scene(scene_seed)
     first = Cameras(cameras.w2c[:1, :1], cameras.K[:1, :1])
     frame0 = lambda objects: render_world(scene_seed, first, height, width, scene={**scene, "objects": objects})
+    bare = frame0([])  # frame 0 with no object: an object "shows" if it alone changes it
     n, rng, centres = len(scene["objects"]), np.random.default_rng([scene_seed, draw]), _world_centres(cameras)[0]
-    shown = [o for o in scene["objects"] if not torch.equal(frame0([o]), frame0([]))]
+    shown = [o for o in scene["objects"] if not torch.equal(frame0([o]), bare)]
     objects = []
     for k, obj in enumerate(scene["objects"]):
         if any(o is obj for o in shown):
@@ -268,7 +269,7 @@ def redraw_unseen(scene_seed, cameras, height, width, draw=0, margin=1.0, tries=
             angle = 0.0 if k == 0 else 2 * math.pi * (k + rng.uniform(-0.3, 0.3)) / n  # make_scene's prior
             dist = rng.uniform(4.5, 6) if k == 0 else rng.uniform(3.5, 8)
             new = {**obj, "centre": np.array([dist * math.sin(angle), obj["centre"][1], dist * math.cos(angle)])}
-            if _gap(new, centres).min() >= margin and torch.equal(frame0([new]), frame0([])):
+            if _gap(new, centres).min() >= margin and torch.equal(frame0([new]), bare):
                 objects.append(new)
                 break
         else:
