@@ -209,20 +209,24 @@ def format_metric(m):
 
 LONG_SEGMENTS = ((1, 8), (8, 16), (16, 32), (32, 64), (64, 128), (128, 256), (256, 448), (448, 512))
 STATIC_ROW = "static copy of frame 0"  # the long-rollout baselines: what holding frame 0 scores,
-REDRAWN_ROW = "re-drawn world (a perfect model)"  # and what the truth scores with the unseen re-drawn
+REDRAWN_ROW = "re-drawn world (a perfect model)"  # and what the truth scores with the unseen re-drawn,
+SHOWN_ROW = "frame 0's objects only (invents nothing)"  # or left out (a perfect model that invents nothing)
 EXACT_DB = 40  # a segment's mean PSNR above this is shown as "> 40": frames equal to the truth have none finite
 
 
 def long_clips(n, frames, height, width, text_dim, text_len, seed=0):
     """n long held-out clips (world.long_heldout_path): the true video (n, 3, F, H, W), cameras, text, and
     "redrawn" (n, 3, F, H, W): the same path through the scene with what frame 0 and the caption leave open
-    drawn again (world.redraw_unseen): what a perfect world model, which cannot know it, would show."""
-    out = {"video": [], "w2c": [], "K": [], "text": [], "redrawn": []}
+    drawn again (world.redraw_unseen): what a perfect world model, which cannot know it, would show; and
+    "shown" (n, 3, F, H, W): the same with it left out: a perfect model that invents nothing."""
+    out = {"video": [], "w2c": [], "K": [], "text": [], "redrawn": [], "shown": []}
     for i in range(n):
         scene_seed, _, cams = world.long_heldout_path(i, frames, seed, width, height)
         out["video"].append(world.render_world(scene_seed, cams, height, width))
         out["redrawn"].append(world.render_world(scene_seed, cams, height, width,
                                                  scene=world.redraw_unseen(scene_seed, cams, height, width)))
+        out["shown"].append(world.render_world(scene_seed, cams, height, width, scene=world.redraw_unseen(
+            scene_seed, cams, height, width, invent=False)))
         out["w2c"].append(cams.w2c[0])
         out["K"].append(cams.K[0])
         out["text"].append(world.text_embedding(world.caption(scene_seed), text_dim, text_len))
@@ -255,9 +259,11 @@ def long_rollout_metric(sample, codec, clips, batch=8, seed=0, device="cpu"):
     """Frame-by-frame scores of a long rollout against the exact rendering, and of a static copy of frame 0.
 
     sample(noise, text, cameras, first) -> latents (B, C, F, h, w) (the model's streaming sampler).
-    Returns {"model", "static", "redrawn" (where clips has it)}: frame_scores each, averaged over the clips."""
+    Returns {"model", "static", "redrawn" and "shown" (where clips has them)}: frame_scores each, averaged
+    over the clips."""
     generator = torch.Generator().manual_seed(seed)
-    parts = {"model": [], "static": [], **({"redrawn": []} if "redrawn" in clips else {})}
+    baselines = [k for k in ("redrawn", "shown") if k in clips]  # renderings of the same paths (long_clips)
+    parts = {"model": [], "static": [], **{k: [] for k in baselines}}
     for i in range(0, clips["video"].shape[0], batch):
         sl = slice(i, i + batch)
         truth = clips["video"][sl].to(device)  # (B, 3, F, H, W)
@@ -269,8 +275,8 @@ def long_rollout_metric(sample, codec, clips, batch=8, seed=0, device="cpu"):
         n = truth.shape[0]
         parts["model"].append({k: v * n for k, v in frame_scores(video, truth).items()})
         parts["static"].append({k: v * n for k, v in frame_scores(truth[:, :, :1].expand_as(truth), truth).items()})
-        if "redrawn" in parts:
-            parts["redrawn"].append({k: v * n for k, v in frame_scores(clips["redrawn"][sl].to(device), truth).items()})
+        for b in baselines:
+            parts[b].append({k: v * n for k, v in frame_scores(clips[b][sl].to(device), truth).items()})
     total = clips["video"].shape[0]
     return {name: {k: sum(p[k] for p in ps) / total for k in ps[0]} for name, ps in parts.items()}
 
@@ -486,7 +492,8 @@ def long_report(cfg):
         results[Path(path).name], baselines = r["model"], r
         common.log(f"{path}: " + " | ".join(f"{k} {v['psnr']:.1f} dB {v['colour']:.3f} {v['sharpness']:.2f}"
                                             for k, v in segment_scores(r["model"]).items()))
-    results[STATIC_ROW], results[REDRAWN_ROW] = baselines["static"], baselines["redrawn"]
+    results[STATIC_ROW], results[SHOWN_ROW] = baselines["static"], baselines["shown"]
+    results[REDRAWN_ROW] = baselines["redrawn"]
     table = long_table(results)
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     common.atomic_write(cfg.out + ".md", lambda p: Path(p).write_text(table + "\n"))
@@ -518,7 +525,8 @@ def plot_long(results, path, width=720, panel=150, smooth=8):
                                                     count_include_pad=False)[0, 0, :len(x)]
     curves = {name: dict(psnr=mean(s["psnr"][1:]), colour=mean(s["colour"][1:]),
                          sharpness=mean(s["sharp"][1:]) / mean(s["sharp_true"][1:])) for name, s in results.items()}
-    cols = {name: {STATIC_ROW: (120, 120, 120), REDRAWN_ROW: (175, 175, 175)}.get(name, colours[i % len(colours)])
+    cols = {name: {STATIC_ROW: (120, 120, 120), SHOWN_ROW: (150, 120, 90), REDRAWN_ROW: (175, 175, 175)}.get(
+        name, colours[i % len(colours)])
             for i, name in enumerate(curves)}
     d = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     legend, x, y = [], L, 4  # (x, y, name): left to right, then a new row
@@ -545,7 +553,7 @@ def plot_long(results, path, width=720, panel=150, smooth=8):
         for g in goals:
             d.line([xy(0, g), xy(F_ - 1, g)], fill=(200, 200, 200))
         for name, c in curves.items():
-            if key == "psnr" and name == REDRAWN_ROW:  # far above the panel: most of its frames equal the truth
+            if key == "psnr" and name in (REDRAWN_ROW, SHOWN_ROW):  # far above the panel: most frames equal the truth
                 continue
             d.line([xy(f, v) for f, v in enumerate(c[key].tolist())], fill=cols[name], width=2)
     d.text((L, T0 - T + 3 * (panel + T) + 8), f"frames 1 .. {F_} (moving mean over {smooth})", fill=(0, 0, 0))

@@ -14,7 +14,7 @@ the action vocabulary (`sample_trajectory`, 0.1-0.6 m and 2-10° per latent fram
 and a caption embedded by `text_embedding` (a toy text encoder: one hashed vector per word);
 `heldout_path` gives the fixed held-out paths of the control metric (`metric.py`), `long_heldout_path`
 those of the long-rollout metric, and `redraw_unseen` the same scene with the objects frame 0 does not show
-moved elsewhere (that metric's perfect-model baseline).
+moved elsewhere, or left out (that metric's perfect-model baselines).
 """
 import math
 import re
@@ -244,9 +244,10 @@ def _gap(obj, centres):
     return ((centres - c).abs() - half).clamp_min(0).norm(dim=-1)
 
 
-def redraw_unseen(scene_seed, cameras, height, width, draw=0, margin=1.0, tries=200):
+def redraw_unseen(scene_seed, cameras, height, width, draw=0, margin=1.0, tries=200, invent=True):
     """The scene as a perfect world model could imagine it from frame 0 and the caption alone: a scene dict
-    for render_world(scene=...), the long-rollout metric's re-drawn-world row.
+    for render_world(scene=...), the long-rollout metric's re-drawn-world row. invent=False leaves every
+    object frame 0 does not show out instead (that metric's row of a perfect model that invents nothing).
 
     What frame 0 shows stays (the ground, the sky, every object that changes frame 0); every other object
     keeps its kind and colour (the caption names them, in order) and its size (which the caption does not
@@ -264,6 +265,8 @@ def redraw_unseen(scene_seed, cameras, height, width, draw=0, margin=1.0, tries=
     for k, obj in enumerate(scene["objects"]):
         if any(o is obj for o in shown):
             objects.append(obj)
+            continue
+        if not invent:  # left out: the world shows only what frame 0 showed
             continue
         for _ in range(tries):
             angle = 0.0 if k == 0 else 2 * math.pi * (k + rng.uniform(-0.3, 0.3)) / n  # make_scene's prior

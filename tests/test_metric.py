@@ -77,6 +77,8 @@ def test_long_rollout_metric_perfect_model_scores_the_truth_frozen_frame_the_sta
     assert frozen["model"]["colour"][1:].mean() > 0.005  # the world changes as the camera moves
     redrawn = perfect["redrawn"]  # the truth with what frame 0 does not show re-drawn: exact at frame 0 only
     assert redrawn["psnr"][0] > 90 and redrawn["psnr"][1:].min() < 90 and torch.equal(redrawn["psnr"], frozen["redrawn"]["psnr"])
+    shown = perfect["shown"]  # ... and with it left out: exact at frame 0, an object missing later
+    assert shown["psnr"][0] > 90 and shown["psnr"][1:].min() < 90 and torch.equal(shown["colour"], frozen["shown"]["colour"])
     table = metric.long_table({"perfect": perfect["model"], "static": frozen["static"]}).splitlines()
     assert table[0] == "| model | frames 1-7 | frames 8-15 | frames 16-31 |" and table[3].startswith("| static | ")
     assert table[2].startswith("| perfect | > 40 / 0.000 / 1.00 |")

@@ -184,4 +184,7 @@ def test_redraw_unseen_keeps_what_frame_0_shows_and_moves_the_rest_off_the_path(
         if places(redrawn) != places(scene):
             assert (video[:, 1:] - truth[:, 1:]).abs().amax() > 0.1  # later frames see the other places
             assert places(world.redraw_unseen(scene_seed, cams, 16, 16, draw=1)) != places(redrawn)
+        kept = world.redraw_unseen(scene_seed, cams, 16, 16, invent=False)  # the same, with the unseen left out
+        assert places(kept) == [p for p, q in zip(places(scene), places(redrawn)) if p == q]
+        assert torch.equal(world.render_world(scene_seed, cams, 16, 16, scene=kept)[:, 0], truth[:, 0])
     assert moved_any
