@@ -93,6 +93,9 @@ def parse_config(cfg, argv=None, presets=None, quick=None):
     cfg = cfg() if isinstance(cfg, type) else dataclasses.replace(cfg)
     hints = typing.get_type_hints(type(cfg))
     names = [f.name for f in dataclasses.fields(cfg) if f.init]
+    # a field a stage declares with init=False and metadata {"why": ...} is a common flag that has no effect
+    # there: refused with that reason rather than silently ignored
+    refused = {f.name: f.metadata["why"] for f in dataclasses.fields(cfg) if not f.init and "why" in f.metadata}
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
         _print_help(cfg, hints, presets)
@@ -104,6 +107,8 @@ def parse_config(cfg, argv=None, presets=None, quick=None):
             die(f"unexpected argument {tok!r} (flags look like --key=value)")
         key, eq, text = tok[2:].partition("=")
         key = key.replace("-", "_")
+        if key in refused:
+            die(f"--{key} does not apply to {os.path.basename(sys.argv[0])}: {refused[key]}")
         if key not in names:
             close = _closest(key, names)
             die(f"unknown flag --{key}" + (f" (did you mean --{close}?)" if close else ""))

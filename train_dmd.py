@@ -36,6 +36,9 @@ import metric
 import model as M
 
 
+CONSTANT_LR = "Stage 3's learning rates are constant (--lr, --critic_lr), as in Self-Forcing"
+
+
 @dataclass
 class Config(common.StageConfig):
     ckpt: str = "out/ode"  # the few-step student (Stage 2a or 2b)
@@ -47,8 +50,10 @@ class Config(common.StageConfig):
     sigma_min: float = 0.02  # range of the noise level at which both scores are queried
     sigma_max: float = 0.98
     max_steps: int = 600  # generator steps
-    lr: float = 3e-5  # generator (2e-6 at scale; the tiny model moves too little at 1e-5 in 200 steps). Both
-    #                   learning rates stay constant, as in Self-Forcing: --warmup and --min_lr do not apply here
+    lr: float = 3e-5  # generator (2e-6 at scale; the tiny model moves too little at 1e-5 in 200 steps)
+    # both learning rates stay constant, as in Self-Forcing: the common schedule's flags are refused here
+    warmup: int = dataclasses.field(default=20, init=False, metadata={"why": CONSTANT_LR})  # (the common defaults,
+    min_lr: float = dataclasses.field(default=1e-5, init=False, metadata={"why": CONSTANT_LR})  # unused)
     critic_lr: float = 6e-5  # fake score: twice the generator's, so the critic keeps up
     rollout_frames: int = 32  # > frames: roll out this long (Self-Forcing++) and score a random window of
     #                           `frames` (the teacher's clip length) of it; 0 = frames (Self-Forcing)

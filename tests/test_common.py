@@ -75,6 +75,17 @@ def test_unknown_flag_suggests(capsys):
     assert out.err == "error: unknown flag --lr_max (did you mean --max_lr?)\n"
 
 
+def test_a_flag_a_stage_refuses_names_why(capsys):  # train_dmd.py: constant learning rates, no schedule flags
+    import train_dmd
+    for flag in ("--warmup=5", "--min-lr=1e-6"):
+        with pytest.raises(SystemExit) as e:
+            common.parse_config(train_dmd.Config, [flag])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "does not apply" in err and "constant" in err
+    cfg = common.parse_config(train_dmd.Config, ["--lr=1e-4"])
+    assert cfg.lr == 1e-4 and cfg.warmup == common.StageConfig.warmup  # still there, for the saved config
+
+
 def test_wrong_type(capsys):
     code, out = exit_code_and_err(capsys, ["--a=ten"])
     assert code == 2 and out.err == "error: --a expects int, got 'ten'\n"
