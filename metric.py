@@ -28,10 +28,17 @@ The long-rollout metric asks "does the world hold together?": on long held-out p
 (`world.long_heldout_path`: hundreds of latent frames wandering around the scene from its start pose),
 the model streams chunk by chunk from frame 0 alone, as infer.py does, and every frame is scored
 against the exact rendering: PSNR, mean-colour error and sharpness, by frame and by segment
-(LONG_SEGMENTS), beside two baselines: a static copy of frame 0 (a world that does not move), and the
-re-drawn world (the same path through the same scene with the objects frame 0 does not show put at other
-places the scene's prior allows, `world.redraw_unseen`: what a perfect world model scores, since frame 0
-and the caption cannot tell it where those objects are).
+(LONG_SEGMENTS), beside three baselines: a static copy of frame 0 (a world that does not move), the world
+with only frame 0's objects (a perfect model that invents nothing), and the re-drawn world (the same path
+through the same scene with the objects frame 0 does not show put at other places the scene's prior allows,
+`world.redraw_unseen`: what a perfect world model scores, since frame 0 and the caption cannot tell it
+where those objects are).
+
+    python metric.py still --ckpts=assets/cd,assets/dmd --frames=64   # a camera that stands still
+
+The still-camera metric asks "does a world that does not move stay still?": the camera stands at each long
+held-out scene's start pose, so every true frame is frame 0; it scores PSNR against frame 0 (drift) and
+flicker, the mean change of a pixel from the previous frame (in 1/255; the truth's is 0).
 """
 import dataclasses
 import json
@@ -46,7 +53,7 @@ import common
 import data
 import model as M
 import world
-from cameras import mirror_cameras
+from cameras import load_cameras, mirror_cameras
 from prope import Cameras
 
 
@@ -466,27 +473,38 @@ class LongConfig:
     device: str = ""
 
 
+def streaming_sampler(path, cfg, device):
+    """A checkpoint's streaming sampler, as infer.py runs it (cfg: sink, window, steps, context_sigma):
+    (net, its training config (height, width, text_len), sample(noise, text, cameras, first) -> latents)."""
+    net = common.or_die(M.load_pretrained, path).to(device).eval()
+    if cfg.context_sigma >= 0:
+        net.cfg.context_sigma = cfg.context_sigma
+    trained = common.StageConfig(**{k: v for k, v in common.or_die(common.load_checkpoint, path, load_opt=False)[
+        "meta"].get("config", {}).items() if k in ("height", "width", "text_len")})
+    stage = json.load(open(common.stem_of(path) + ".json")).get("stage")
+    sigmas = M.euler_sigmas(cfg.steps) if stage == "ar" else M.few_step_sigmas(M.FEW_STEP_TIMESTEPS)
+
+    def sample(noise, text, cams, first):
+        return M.sample_ar(net, noise, text, cams, M.image_cond(first, noise.shape[2]), sigmas,
+                           renoise=stage != "ar", sink=cfg.sink, window=cfg.window,
+                           generator=torch.Generator(noise.device).manual_seed(0))
+    return net, trained, sample
+
+
+def _check_long(cfg, name):
+    paths = [p for p in cfg.ckpts.split(",") if p]
+    if not paths or cfg.frames < 2 or cfg.clips < 1 or cfg.steps < 1 or cfg.window < 1 or cfg.sink < 0:
+        common.die(f"metric.py {name}: give --ckpts=A,B,...; --frames >= 2, --clips >= 1, --steps >= 1, "
+                   "--window >= 1, --sink >= 0")
+    return paths
+
+
 def long_report(cfg):
     """Run long_rollout_metric on every checkpoint of cfg.ckpts; write the table, the curves and the numbers."""
     device = common.device_of(cfg.device)
-    paths = [p for p in cfg.ckpts.split(",") if p]
-    if not paths or cfg.frames < 2 or cfg.clips < 1 or cfg.steps < 1 or cfg.window < 1 or cfg.sink < 0:
-        common.die("metric.py long: give --ckpts=A,B,...; --frames >= 2, --clips >= 1, --steps >= 1, --window >= 1, "
-                   "--sink >= 0")
     results, baselines = {}, {}
-    for path in paths:
-        net = common.or_die(M.load_pretrained, path).to(device).eval()
-        if cfg.context_sigma >= 0:
-            net.cfg.context_sigma = cfg.context_sigma
-        trained = common.StageConfig(**{k: v for k, v in common.or_die(common.load_checkpoint, path, load_opt=False)[
-            "meta"].get("config", {}).items() if k in ("height", "width", "text_len")})
-        stage = json.load(open(common.stem_of(path) + ".json")).get("stage")
-        sigmas = M.euler_sigmas(cfg.steps) if stage == "ar" else M.few_step_sigmas(M.FEW_STEP_TIMESTEPS)
-
-        def sample(noise, text, cams, first):
-            return M.sample_ar(net, noise, text, cams, M.image_cond(first, noise.shape[2]), sigmas,
-                               renoise=stage != "ar", sink=cfg.sink, window=cfg.window,
-                               generator=torch.Generator(noise.device).manual_seed(0))
+    for path in _check_long(cfg, "long"):
+        net, trained, sample = streaming_sampler(path, cfg, device)
         clips = long_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len)
         r = long_rollout_metric(sample, data.PixelCodec(2), clips, device=device)
         results[Path(path).name], baselines = r["model"], r
@@ -501,6 +519,63 @@ def long_report(cfg):
     common.atomic_write(cfg.out + ".json", lambda p: Path(p).write_text(json.dumps(
         dict(settings=dataclasses.asdict(cfg), per_frame=per_frame))))
     plot_long(results, cfg.out + ".png")
+    print(table)
+
+
+@dataclass
+class StillConfig(LongConfig):
+    """python metric.py still --ckpts=A,B,...: the camera stands still at each long held-out scene's start."""
+    ckpts: str = "assets/cd,assets/dmd"
+    frames: int = 64
+    out: str = ""  # OUT.md: the table, if given
+
+
+def still_clips(n, frames, height, width, text_dim, text_len):
+    """The long held-out scenes (world.long_heldout_path's) seen from their start pose for `frames` frames:
+    "first" (n, 3, H, W) the true frame 0, which every true frame equals; cameras and text as long_clips."""
+    cams = load_cameras(f"x*{frames - 1}")  # (1, F): "x" stands still
+    out = {"first": [], "text": []}
+    for i in range(n):
+        scene_seed = world.long_heldout_path(i, 2)[0]
+        out["first"].append(world.render_world(scene_seed, Cameras(cams.w2c[:, :1], cams.K[:, :1]), height, width)[:, 0])
+        out["text"].append(world.text_embedding(world.caption(scene_seed), text_dim, text_len))
+    return {**{k: torch.stack(v) for k, v in out.items()}, "w2c": cams.w2c.expand(n, -1, -1, -1),
+            "K": cams.K.expand(n, -1, -1)}
+
+
+def still_scores(video, first):
+    """Per-frame (F,) scores of video (B, 3, F, H, W) in [-1, 1] when the truth is first (B, 3, H, W) at every
+    frame, averaged over the clips: psnr against frame 0, and flicker, the mean absolute change of a pixel
+    from the previous frame in 1/255 (0 at frame 0; the truth's is 0 throughout)."""
+    mse = (video - first[:, :, None]).pow(2).mean(dim=(1, 3, 4))  # (B, F)
+    change = (video[:, :, 1:] - video[:, :, :-1]).abs().mean(dim=(1, 3, 4)) * 127.5  # (B, F - 1)
+    return dict(psnr=(10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean(0),
+                flicker=torch.cat([torch.zeros(1), change.mean(0).cpu()]))
+
+
+@torch.no_grad()
+def still_report(cfg):
+    """Each checkpoint of cfg.ckpts streams cfg.frames frames with the camera standing still; a table by
+    segment of "PSNR vs frame 0 dB / flicker (1/255)"."""
+    device, rows = common.device_of(cfg.device), []
+    for path in _check_long(cfg, "still"):
+        net, trained, sample = streaming_sampler(path, cfg, device)
+        clips = still_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len)
+        codec = data.PixelCodec(2)
+        x0 = codec.encode(clips["first"][:, :, None].to(device))  # (B, C, 1, h, w)
+        noise = torch.randn((cfg.clips, x0.shape[1], cfg.frames, *x0.shape[-2:]),
+                            generator=torch.Generator().manual_seed(0)).to(device)
+        video = codec.decode(sample(noise, clips["text"].to(device), Cameras(clips["w2c"], clips["K"]).to(device),
+                                    x0[:, :, 0])).clamp(-1, 1)
+        sc = still_scores(video, clips["first"].to(device))
+        segments = [(a, b) for a, b in LONG_SEGMENTS if b <= cfg.frames]
+        rows.append(f"| {Path(path).name} | " + " | ".join(
+            f"{sc['psnr'][a:b].mean():.1f} / {sc['flicker'][a:b].mean():.1f}" for a, b in segments) + " |")
+    table = "\n".join(["| model | " + " | ".join(f"frames {a}-{b - 1}" for a, b in segments) + " |",
+                       "| --- |" + " --- |" * len(segments), *rows])
+    if cfg.out:
+        os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+        common.atomic_write(cfg.out + ".md", lambda p: Path(p).write_text(table + "\n"))
     print(table)
 
 
@@ -578,7 +653,9 @@ if __name__ == "__main__":
         print(tables)
     elif len(sys.argv) >= 2 and sys.argv[1] == "long":
         long_report(common.parse_config(LongConfig, sys.argv[2:]))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "still":
+        still_report(common.parse_config(StillConfig, sys.argv[2:]))
     else:
         common.die("usage: python metric.py table OUT_DIR | python metric.py plot OUT_DIR NAME | "
-                   "python metric.py compare OUT.png CKPT [CKPT ...] | python metric.py long [--ckpts=A,B ...] | "
+                   "python metric.py compare OUT.png CKPT [CKPT ...] | python metric.py long|still [--ckpts=A,B ...] | "
                    "python metric.py ablation OUT_DIR")

@@ -84,6 +84,20 @@ def test_long_rollout_metric_perfect_model_scores_the_truth_frozen_frame_the_sta
     assert table[2].startswith("| perfect | > 40 / 0.000 / 1.00 |")
 
 
+def test_still_metric_a_still_world_scores_zero_flicker_a_blinking_one_its_step():
+    clips = metric.still_clips(2, 6, 16, 16, 8, 4)
+    long = metric.long_clips(2, 6, 16, 16, 8, 4)
+    assert torch.equal(clips["first"], long["video"][:, :, 0])  # the long scenes' frame 0, from the start pose
+    assert clips["w2c"].shape == (2, 6, 4, 4) and torch.equal(clips["w2c"], clips["w2c"][:, :1].expand_as(clips["w2c"]))
+    held = clips["first"][:, :, None].expand(-1, -1, 6, -1, -1)  # (B, 3, F, H, W): the truth, every frame frame 0
+    still = metric.still_scores(held, clips["first"])
+    assert (still["psnr"] > 90).all() and still["flicker"].abs().max() == 0
+    step = 4 / 127.5  # a picture that moves by 4/255 every other frame: flicker 4 from frame 1 on
+    blink = held + step * (torch.arange(6) % 2).view(1, 1, 6, 1, 1)
+    flicker = metric.still_scores(blink, clips["first"])["flicker"]
+    assert flicker[0] == 0 and torch.allclose(flicker[1:], torch.full((5,), 4.0), atol=1e-4)
+
+
 def test_ablation_tables_from_fake_runs(tmp_path):
     ev = lambda margin: dict(psnr=20.0 + margin, control_margin=margin, margin_wins=0.5 + margin / 10,
                              oracle_margin=2.0, margin_ratio=margin / 2, gain_static=margin, sharpness=0.9,
