@@ -404,9 +404,19 @@ def ablation_tables(out_dir):
         out += ["### Batch size (Phase 1), at equal samples seen and at equal updates", "",
                 ABLATION_HEAD.replace("| run |", "| batch, budget |"), rule]
         key = lambda d: (d.split("_")[1], int(d.split("_")[2]))  # batch_{samples,updates}_{B}
+        curves = {}
         for d in sorted(batches, key=key):
             evals, minutes = _evals(os.path.join(out_dir, d, "bidir.metrics.jsonl"), "bidir")
             out.append(_ablation_row(f"{key(d)[1]}, equal {key(d)[0]}", *evals[-1], minutes))
+            curves[f"{key(d)[1]}, equal {key(d)[0]}"] = evals
+        # when control arrives: each run's margin at each of its evaluations (ablate.sh evaluates every run the
+        # same number of times over its budget, so a column is equal samples, or equal updates, within a budget)
+        n = max(len(e) for e in curves.values())
+        out += ["", "Control margin (clips won) at each evaluation, `step: margin`:", "",
+                "| batch, budget | " + " | ".join(f"eval {i + 1}" for i in range(n)) + " |", "| --- |" + " --- |" * n]
+        out += [f"| {label} | " + " | ".join(f"{step}: {m['control_margin']:+.2f} ({m['margin_wins']:.0%})"
+                                              for step, m in evals) + " |" * (n - len(evals) + 1)
+                for label, evals in curves.items()]
         out.append("")
     for name, what in (("bench.json", "this CPU"), ("bench_gpu.json", "GPU")):
         path = os.path.join(out_dir, name)

@@ -128,6 +128,8 @@ def test_ablation_tables_from_fake_runs(tmp_path):
     assert [line.split(" | ")[1] for line in curve] == ["1000", "2000", "3000"]  # the control curve, step by step
     assert lines.index([x for x in lines if x.startswith("| 2, equal samples")][0]) < \
         lines.index([x for x in lines if x.startswith("| 16, equal updates")][0])
+    assert "| 2, equal samples | 9000: +0.00 (50%) | 18000: +0.50 (55%) |" in lines  # control along each batch run
+    assert "| 16, equal updates | 1000: +0.00 (50%) | 2000: +3.00 (80%) |" in lines
     assert "| AR, 4 steps, first chunk (KV cache) | 50 ms | x20 |" in lines
     assert "| AR, 25 Euler steps, first chunk (KV cache) | 250 ms | x4 |" in lines
     assert "Through the stages" not in text  # no chain/ folder: no such table
