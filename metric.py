@@ -376,8 +376,9 @@ def ablation_tables(out_dir):
     control along training (cam_exact's evaluations), batch size at equal samples and at equal
     updates (batch_*), latency (bench.json, plus bench_gpu.json when a GPU run was saved), and the
     metric through the stages (chain/, a pipeline.sh run)."""
-    runs = lambda prefix: sorted(d for d in os.listdir(out_dir) if d.startswith(prefix)
-                                 and os.path.exists(os.path.join(out_dir, d, "bidir.metrics.jsonl")))
+    log = lambda d: os.path.join(out_dir, d, "bidir.metrics.jsonl")
+    runs = lambda prefix: sorted(d for d in os.listdir(out_dir) if d.startswith(prefix)  # evaluated at least once
+                                 and os.path.exists(log(d)) and _evals(log(d), "bidir")[0])
     rule = "|" + " --- |" * (ABLATION_HEAD.count("|") - 1)
     out = []
     level = lambda d: tuple(json.load(open(os.path.join(out_dir, d, "bidir.json")))["config"][k]

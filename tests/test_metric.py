@@ -116,6 +116,7 @@ def test_ablation_tables_from_fake_runs(tmp_path):
     fake_run("cam_low", 0.01, 0.05, margins=(0.0, 0.5, 1.5))
     fake_run("batch_samples_2", margins=(0.0, 0.5), every=9000)
     fake_run("batch_updates_16", margins=(0.0, 3.0))
+    fake_run("batch_updates_8", margins=())  # started, not yet evaluated: left out
     (tmp_path / "bench.json").write_text(json.dumps(dict(device="cpu", preset="tiny", first_chunk_s=0.05,
                                                          ar_25step_first_chunk_s=0.25, bidir_50step_s=1.0)))
     text = metric.ablation_tables(str(tmp_path))
@@ -130,6 +131,7 @@ def test_ablation_tables_from_fake_runs(tmp_path):
         lines.index([x for x in lines if x.startswith("| 16, equal updates")][0])
     assert "| 2, equal samples | 9000: +0.00 (50%) | 18000: +0.50 (55%) |" in lines  # control along each batch run
     assert "| 16, equal updates | 1000: +0.00 (50%) | 2000: +3.00 (80%) |" in lines
+    assert not any(line.startswith("| 8, equal updates") for line in lines)
     assert "| AR, 4 steps, first chunk (KV cache) | 50 ms | x20 |" in lines
     assert "| AR, 25 Euler steps, first chunk (KV cache) | 250 ms | x4 |" in lines
     assert "Through the stages" not in text  # no chain/ folder: no such table
