@@ -504,8 +504,9 @@ def streaming_sampler(path, cfg, device):
 
 def _check_long(cfg, name):
     paths = [p for p in cfg.ckpts.split(",") if p]
-    if not paths or cfg.frames < 2 or cfg.clips < 1 or cfg.steps < 1 or cfg.window < 1 or cfg.sink < 0:
-        common.die(f"metric.py {name}: give --ckpts=A,B,...; --frames >= 2, --clips >= 1, --steps >= 1, "
+    first = LONG_SEGMENTS[0][1]  # the frames the first segment of the table needs
+    if not paths or cfg.frames < first or cfg.clips < 1 or cfg.steps < 1 or cfg.window < 1 or cfg.sink < 0:
+        common.die(f"metric.py {name}: give --ckpts=A,B,...; --frames >= {first}, --clips >= 1, --steps >= 1, "
                    "--window >= 1, --sink >= 0")
     return paths
 
