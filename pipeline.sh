@@ -13,7 +13,9 @@
 #   bash pipeline.sh --preset=tiny-mmdit --out_dir=out_mmdit    the same chain on another model preset
 #                                    (Phase 1 builds it; every later stage reads it from the checkpoint)
 # Outputs go to --out_dir (default out/, out_quick/ with --quick); the results table to OUT/results.md,
-# the long-rollout table and curves to OUT/long_rollout.{md,png}, the total run time to OUT/time.txt.
+# the long-rollout table and curves to OUT/long_rollout.{md,png}, the total run time to OUT/time.txt: each
+# invocation (a killed one too) appends its wall time to OUT/time.log, so a chain finished by --resume
+# reports the sum over its invocations.
 set -euo pipefail
 cd "$(dirname "$0")"
 QUICK="" OUT="" FROM=bidir STAGE2=(ode cd) DMD_FROM=cd SHIP="" AGAIN="" PRESET=() BIDIR=""
@@ -39,6 +41,14 @@ if [ -n "$BIDIR" ] && [ ! -f "${BIDIR%.safetensors}.safetensors" ]; then
 fi
 mkdir -p "$OUT"
 start=$(date +%s)
+[ "$AGAIN" = --overwrite ] && rm -f "$OUT/time.log"  # a chain started over starts its time over
+record() {  # this invocation's wall time, whatever ended it; time.txt: the sum over the chain's invocations
+  echo "$(date -u +%FT%TZ) $(( $(date +%s) - start )) s: pipeline.sh $*" >> "$OUT/time.log"
+  awk '{s += $2; n++} END {printf "pipeline.sh: %d minutes%s\n", s / 60, (n > 1 ? " (" n " invocations, --resume)" : "")}' \
+    "$OUT/time.log" > "$OUT/time.txt"
+}
+trap 'record "$@"' EXIT
+trap 'exit 143' TERM INT HUP  # a stopped chain still records the time it ran (then --resume continues it)
 
 ckpt() {  # the checkpoint of stage $1: this run's if it made it, else --bidir for Phase 1, else the shipped one
   if [ -f "$OUT/$1.safetensors" ]; then echo "$OUT/$1"
@@ -71,4 +81,4 @@ echo "first-chunk latency: $(python -c "import json; print(round(1000 * json.loa
 present=$(for s in ar ode cd dmd; do [ -f "$OUT/$s.safetensors" ] && printf '%s,' "$OUT/$s"; done)
 python metric.py long --ckpts="${present%,}" --out="$OUT/long_rollout" \
   $([ -n "$QUICK" ] && echo "--frames=16 --clips=2 --steps=3" || echo "--frames=512") > /dev/null
-echo "pipeline.sh: $(( ($(date +%s) - start) / 60 )) minutes" | tee "$OUT/time.txt"
+trap - EXIT && record "$@" && cat "$OUT/time.txt"
