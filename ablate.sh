@@ -9,9 +9,11 @@
 #   stages          bidir -> ar -> ode, cd -> dmd: one pipeline.sh chain, ODE and CD side by side
 #
 #   bash ablate.sh --quick           every run at smoke size (about 15 minutes on 2 CPU cores): checks the code
-#   bash ablate.sh                   the full study (about 14 hours of one CPU core, estimated from its runs; README, Ablations)
+#   bash ablate.sh                   the full study (about 14 hours of one CPU core; OUT/ablation.md's "Run time" sums
+#                                    what each run logged, so a study resumed over several invocations is measured too)
 #   bash ablate.sh --out_dir=DIR     where the runs and the tables go (default ablate/, ablate_quick/ with --quick)
-# The tables land in OUT/ablation.md (python metric.py ablation OUT); each run keeps its log and checkpoint.
+# The tables land in OUT/ablation.md (python metric.py ablation OUT); each run keeps its log and checkpoint, and a
+# cut-off study continues where it stopped when run again with the same flags.
 set -euo pipefail
 cd "$(dirname "$0")"
 QUICK="" OUT=""
@@ -56,12 +58,10 @@ for budget in samples updates; do  # batch 4 is the exact-pose run under both bu
 done
 # latency, side by side in one run
 python bench.py $([ -n "$QUICK" ] && echo --quick || true) --json | tail -1 > "$OUT/bench.json"
-# through the stages: the chain from the exact-pose Phase 1 run, bidir -> ar -> cd -> dmd, and ode beside cd
+# through the stages: the chain from the exact-pose Phase 1 run (the shipped recipe's), ar -> ode, cd -> dmd
 mkdir -p "$OUT/chain"
 cp "$OUT/cam_exact/bidir."{json,safetensors,metrics.jsonl} "$OUT/chain/"
-Q=$([ -n "$QUICK" ] && echo --quick || true)
-bash pipeline.sh $Q --cd --from=ar --out_dir="$OUT/chain" --resume > "$OUT/chain.out" 2>&1
-python train_ode.py $Q --ckpt="$OUT/chain/ar" --out_dir="$OUT/chain" --resume >> "$OUT/chain.out" 2>&1
+bash pipeline.sh $([ -n "$QUICK" ] && echo --quick || true) --from=ar --out_dir="$OUT/chain" --resume > "$OUT/chain.out" 2>&1
 
 python metric.py ablation "$OUT" > /dev/null
 echo "ablate.sh: $(( ($(date +%s) - start) / 60 )) minutes; tables in $OUT/ablation.md"

@@ -43,6 +43,7 @@ flicker, the mean change of a pixel from the previous frame (in 1/255; the truth
 import dataclasses
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,6 +297,13 @@ def _ratio(m):
     return "–" if m.get("margin_ratio") is None or m["oracle_margin"] <= 0 else f"{m['margin_ratio']:.0%}"
 
 
+def _run_time(lines):
+    """Seconds a training run took, from its metrics log's "time" (seconds since its start); a resumed run
+    restarts its clock, so the segments are added up."""
+    timed = [x["time"] for x in lines if "time" in x]
+    return sum(a for a, b in zip(timed, timed[1:] + [0.0]) if b < a)
+
+
 def results_table(out_dir, stages=("bidir", "ar", "ode", "cd", "dmd")):
     """Markdown table of each stage's last control metric (from OUT/NAME.metrics.jsonl) and run time."""
     head = ("| stage | sampler | steps | run time | PSNR | control margin (clips won) | oracle margin | "
@@ -308,9 +316,7 @@ def results_table(out_dir, stages=("bidir", "ar", "ode", "cd", "dmd")):
         if not os.path.exists(path):
             continue
         lines = [json.loads(x) for x in open(path) if x.strip()]
-        timed = [x["time"] for x in lines if "time" in x]
-        # a resumed run restarts its clock: add up the segments
-        run_time = sum(a for a, b in zip(timed, timed[1:] + [0.0]) if b < a) if timed else 0.0
+        timed, run_time = any("time" in x for x in lines), _run_time(lines)
         for model in dict.fromkeys(x.get("model", name) for x in lines if "eval" in x):
             ev = [x for x in lines if "eval" in x and x.get("model", name) == model][-1]
             m = ev["eval"]
@@ -353,6 +359,7 @@ def plot_control(out_dir, name, path=None, size=(520, 300)):
 # ----------------------------------------------------------------------------------------------
 # the ablations (ablate.sh): the paper's findings as numbers
 
+BATCH4_COPIES = ("batch_samples_4", "batch_updates_4")  # ablate.sh copies cam_exact's log to both
 ABLATION_HEAD = ("| run | steps | run time | control margin (clips won) | oracle margin | margin/oracle | "
                  "loss gap σ=.5 / .9 | gain over static | PSNR | sharpness |")
 
@@ -360,9 +367,7 @@ ABLATION_HEAD = ("| run | steps | run time | control margin (clips won) | oracle
 def _evals(path, name):
     """[(step, metric)] of model `name` in a metrics log, and the run time in minutes (resumes summed)."""
     lines = [json.loads(x) for x in open(path) if x.strip()]
-    timed = [x["time"] for x in lines if "time" in x]
-    run_time = sum(a for a, b in zip(timed, timed[1:] + [0.0]) if b < a) / 60 if timed else 0.0
-    return [(x["step"], x["eval"]) for x in lines if "eval" in x and x.get("model", name) == name], run_time
+    return [(x["step"], x["eval"]) for x in lines if "eval" in x and x.get("model", name) == name], _run_time(lines) / 60
 
 
 def _ablation_row(label, step, m, minutes):
@@ -436,6 +441,17 @@ def ablation_tables(out_dir):
     chain = os.path.join(out_dir, "chain")
     if os.path.isdir(chain):
         out += ["### Through the stages (one pipeline.sh chain)", "", results_table(chain), ""]
+    # the full mode's run time, measured: every Phase 1 run's logged wall time (resumes summed; batch 4 under
+    # both budgets is cam_exact's run, copied by ablate.sh, so not counted again) and the chain's time.txt
+    own = [d for d in runs("cam_") + runs("batch_") if d not in BATCH4_COPIES]
+    minutes = sum(_evals(log(d), "bidir")[1] for d in own)
+    timed = os.path.join(chain, "time.txt")
+    chain_min = int(re.search(r"(\d+) minutes", open(timed).read()).group(1)) if os.path.exists(timed) else None
+    if own:
+        total = minutes + (chain_min or 0)
+        out += ["### Run time", "", f"{len(own)} Phase 1 runs: {minutes / 60:.1f} h of wall time summed"
+                + (f"; the chain (chain/time.txt): {chain_min} min" if chain_min is not None else "; no chain yet")
+                + f"; in all {total / 60:.1f} h (each run one thread; bench.py not counted).", ""]
     return "\n".join(out)
 
 

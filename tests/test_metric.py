@@ -135,3 +135,9 @@ def test_ablation_tables_from_fake_runs(tmp_path):
     assert "| AR, 4 steps, first chunk (KV cache) | 50 ms | x20 |" in lines
     assert "| AR, 25 Euler steps, first chunk (KV cache) | 250 ms | x4 |" in lines
     assert "Through the stages" not in text  # no chain/ folder: no such table
+    # the full mode's run time: the five evaluated runs' logged minutes (3 + 3 + 3 + 2 + 2), not the copy of batch 4
+    fake_run("batch_samples_4")  # ablate.sh's copy of cam_exact: not counted again
+    assert "5 Phase 1 runs: 0.2 h of wall time summed; no chain yet; in all 0.2 h" in metric.ablation_tables(str(tmp_path))
+    (tmp_path / "chain").mkdir()
+    (tmp_path / "chain" / "time.txt").write_text("pipeline.sh: 47 minutes (2 invocations, --resume)\n")
+    assert "; the chain (chain/time.txt): 47 min; in all 1.0 h" in metric.ablation_tables(str(tmp_path))
