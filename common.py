@@ -579,10 +579,14 @@ def restore_training_state(ckpt, optimizer, rank=0):
         seed_everything(int(torch.randint(2**31, ())), rank)
     return opt["step"]
 
-def resume(stem, model, ema=None, optimizer=None, rank=0):
+RUN_CONTROL = ("resume", "overwrite", "stop_after")  # flags that say how this invocation runs, not what is trained
+
+
+def resume(stem, model, ema=None, optimizer=None, rank=0, config=None):
     """--resume: load weights, EMA, optimizer and RNG from stem if it exists; returns the step (0 if none).
     Anything that would make the continuation inexact (another model config, missing optimizer state)
-    stops the run with one line instead."""
+    stops the run with one line instead; a training flag that differs from the saved run's (config: this
+    invocation's) is named in the log, since the command line wins (a longer --max_steps, say)."""
     if not os.path.exists(stem_of(stem) + ".json"):
         log(f"nothing to resume at {stem}; starting fresh")
         return 0
@@ -603,6 +607,11 @@ def resume(stem, model, ema=None, optimizer=None, rank=0):
             f"--overwrite starts the run over")
     step = restore_training_state(ck, optimizer, rank) if optimizer is not None else ck["meta"]["step"]
     log(f"resumed {stem} at step {step}")
+    was, now = ck["meta"].get("config") or {}, _jsonable(config) if config is not None else {}
+    moved = [f"--{k}={now[k]!r} (saved run: {was[k]!r})" for k in now
+             if k in was and was[k] != now[k] and k not in RUN_CONTROL]
+    if moved:
+        log(f"resumed with flags that differ from the saved run's: {', '.join(moved)}")
     return step
 
 def setup_training(cfg, net, stem, rank, world, local_rank, device):
@@ -620,7 +629,7 @@ def setup_training(cfg, net, stem, rank, world, local_rank, device):
         shard(net, device)
         shard(ema, device)
     optimizer = adamw(net.parameters(), cfg)
-    first_step = resume(stem, net, ema, optimizer, rank) if cfg.resume else 0
+    first_step = resume(stem, net, ema, optimizer, rank, config=cfg) if cfg.resume else 0
     net.grad_ckpt = cfg.grad_ckpt
     model = net if sharded else ddp(net, world, local_rank, device)
     return ema, optimizer, first_step, torch.compile(model) if cfg.compile else model

@@ -163,7 +163,7 @@ def main():
     opts = {"generator": opt_g, "critic": opt_f}
     first_step = 0
     if cfg.resume:
-        first_step = common.resume(stem, student, ema, opts, rank)
+        first_step = common.resume(stem, student, ema, opts, rank, config=cfg)
         if os.path.exists(stem + "_critic.json"):
             fake.load_state_dict(common.or_die(common.load_checkpoint, stem + "_critic", load_opt=False)["state"])
     # no DDP wrapper: the critic and the real score run several forwards per backward; the gradients

@@ -223,8 +223,9 @@ def test_stage_resume_is_exact(quick_chain, tmp_path, stage, extra):
     assert r.returncode == 0, r.stderr[-2000:]
     r = run(args + [f"--out_dir={tmp_path}/cut", "--stop_after=2"])
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run(args + [f"--out_dir={tmp_path}/cut", "--resume"])
+    r = run(args + [f"--out_dir={tmp_path}/cut", "--resume", "--eval_every=50"])  # a changed flag is named
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "differ from the saved run's: --eval_every=50 (saved run: 100)" in r.stdout + r.stderr
     a = common.load_checkpoint(f"{tmp_path}/full/{stage}")
     b = common.load_checkpoint(f"{tmp_path}/cut/{stage}")
     assert a["meta"]["step"] == b["meta"]["step"] == 4
