@@ -170,6 +170,7 @@ class StageConfig:
     camera_noise: float = 0.0  # ablation: jitter training poses like perception-estimated cameras (rad, m)
     camera_scale_drift: float = 0.0  # ablation: a drifting translation scale along each clip (cameras.perturb_cameras)
     wander: bool = False  # clips on long wandering paths (world.long_actions) rather than the 8-frame clip kinds
+    reveal: float = 0.0  # share of clips turning towards an object frame 0 does not show (world.reveal_path): only the caption says what it is
     log_every: int = 10  # loss, lr, grad norm -> OUT_DIR/NAME.metrics.jsonl and the bar
     eval_every: int = 250  # control metric + sample gif
     eval_clips: int = 16

@@ -50,7 +50,7 @@ def training_source(cfg, model_cfg):
             x0, w2c, K, text = item["latents"].float(), item["w2c"], item["K"], item["text"]
         else:
             clip = world.make_clip(cfg.seed, g, cfg.frames, cfg.height, cfg.width, model_cfg.text_dim, cfg.text_len,
-                                   getattr(cfg, "wander", False))
+                                   getattr(cfg, "wander", False), getattr(cfg, "reveal", 0.0))
             x0 = codec.encode(clip["video"][None])[0]
             w2c, K, text = clip["w2c"], clip["K"], clip["text"]
         if cfg.camera_noise > 0 or getattr(cfg, "camera_scale_drift", 0) > 0:

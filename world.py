@@ -321,13 +321,50 @@ def sample_trajectory(generator, frames, trans_range=(0.1, 0.6), rot_range=(2.0,
     raise RuntimeError(f"no valid step size for {actions!r}")
 
 
-def make_clip(seed, index, frames, height, width, text_dim, text_len, wander=False):
+REVEAL_MAX_ROT = 12.0  # degrees per latent frame: a little above sample_trajectory's 10, to reach objects further round
+
+
+def reveal_path(generator, frames, scene_seed, width=1, height=1, min_share=0.04, tries=12):
+    """A path (actions, Cameras (1, frames)) that turns towards an object frame 0 does not show, so that it covers
+    at least `min_share` of the last frame: the clips (`--reveal`) in which only the caption says what enters the
+    view. A turn or an arc (forward and turn) of one step size throughout; None if no such path is found in
+    `tries` draws (every object in view already, or none within reach of `frames` - 1 turns).
+    """
+    rand = lambda: torch.rand((), generator=generator).item()
+    objects = make_scene(scene_seed)["objects"]
+    start = actions_to_cameras("x", width=width, height=height, pitch0=START_PITCH)  # frame 0 only ("x": stand)
+    labels = lambda cameras: render_world(scene_seed, cameras, height, width, True, supersample=1)[1]  # cheap
+    shown = set(labels(Cameras(start.w2c[:, :1], start.K[:, :1])).unique().tolist())
+    unseen = [k for k in range(len(objects)) if 2 + k not in shown]
+    for _ in range(tries if unseen else 0):
+        k = unseen[int(rand() * len(unseen))]
+        x, _, z = objects[k]["centre"]
+        angle = math.degrees(math.atan2(x, z))  # the yaw that faces the object from the start (+: to the right)
+        turn = "l" if angle > 0 else "j"
+        move = ("w" + turn) if rand() < 0.5 else turn
+        rot = (abs(angle) - 25 + 35 * rand()) / (frames - 1)  # end facing it give or take half the field of view
+        trans = 0.1 + 0.3 * rand()
+        if not 2.0 <= rot <= REVEAL_MAX_ROT:
+            continue
+        actions = f"{move}*{frames - 1}"
+        cameras = actions_to_cameras(actions, trans, rot, width, height, START_PITCH)
+        if not _path_ok(cameras, scene_seed):
+            continue
+        last = Cameras(cameras.w2c[:, -1:], cameras.K[:, -1:])
+        if (labels(last) == 2 + k).float().mean() >= min_share:
+            return actions, cameras
+    return None
+
+
+def make_clip(seed, index, frames, height, width, text_dim, text_len, wander=False, reveal=0.0):
     """Training clip number `index`: a dict of video (3, F, H, W), w2c (F, 4, 4), K (F, 4), text, ...
 
     The scene seed and the path come from hashes of (seed, index) alone, so a clip is the same
     whichever process draws it. Scene seeds stay below EVAL_SEED_BASE. wander: a long path
     (long_actions, 0.1-0.4 m and 3-8° per step for this clip) instead of sample_trajectory's clip kinds,
-    for clips far longer than the 8 frames those are made for.
+    for clips far longer than the 8 frames those are made for. reveal: the share of clips that are
+    `reveal_path`s instead of sample_trajectory's (not with wander; drawn from their own seed, so that
+    reveal=0 gives the clips of a run without it).
     """
     scene_seed = mix_seed(seed, index, 0) % EVAL_SEED_BASE
     generator = torch.Generator().manual_seed(mix_seed(seed, index, 1))
@@ -337,7 +374,12 @@ def make_clip(seed, index, frames, height, width, text_dim, text_len, wander=Fal
         actions = long_actions(scene_seed, frames - 1, trans, rot, seed=mix_seed(seed, index, 2))
         cameras = actions_to_cameras(actions, trans, rot, width, height, START_PITCH)
     else:
-        actions, cameras = sample_trajectory(generator, frames, scene_seed=scene_seed, width=width, height=height)
+        path = None
+        if reveal > 0:
+            reveal_generator = torch.Generator().manual_seed(mix_seed(seed, index, 3))
+            if torch.rand((), generator=reveal_generator) < reveal:
+                path = reveal_path(reveal_generator, frames, scene_seed, width, height)
+        actions, cameras = path or sample_trajectory(generator, frames, scene_seed=scene_seed, width=width, height=height)
     text = caption(scene_seed)
     return {"video": render_world(scene_seed, cameras, height, width), "w2c": cameras.w2c[0], "K": cameras.K[0],
             "text": text_embedding(text, text_dim, text_len), "caption": text, "scene_seed": scene_seed,

@@ -188,3 +188,23 @@ def test_redraw_unseen_keeps_what_frame_0_shows_and_moves_the_rest_off_the_path(
         assert places(kept) == [p for p, q in zip(places(scene), places(redrawn)) if p == q]
         assert torch.equal(world.render_world(scene_seed, cams, 16, 16, scene=kept)[:, 0], truth[:, 0])
     assert moved_any
+
+
+def test_reveal_clips_turn_towards_an_object_frame_0_does_not_show():
+    kinds = []
+    for i in range(6):
+        clip = world.make_clip(0, i, 8, 32, 32, 8, 16, reveal=1.0)
+        again = world.make_clip(0, i, 8, 32, 32, 8, 16, reveal=1.0)
+        assert torch.equal(again["video"], clip["video"]) and again["actions"] == clip["actions"]
+        assert torch.equal(world.make_clip(0, i, 8, 32, 32, 8, 16)["video"],  # reveal=0: the clips of a run without it
+                           world.make_clip(0, i, 8, 32, 32, 8, 16, reveal=0.0)["video"])
+        steps = cameras.parse_actions(clip["actions"])
+        kinds.append(len(set(steps)) == 1 and steps[0] in ("l", "j", "wl", "wj"))
+        if not kinds[-1]:
+            continue  # no reachable unseen object in this scene: an ordinary clip
+        cams = Cameras(clip["w2c"][None], clip["K"][None])
+        _, labels = world.render_world(clip["scene_seed"], cams, 32, 32, return_labels=True, supersample=1)
+        entered = set(labels[-1].unique().tolist()) - set(labels[0].unique().tolist()) - {world.SKY, world.GROUND}
+        assert any((labels[-1] == k).float().mean() >= 0.04 for k in entered)  # it stands in the last frame
+        assert world._path_ok(cams, clip["scene_seed"])
+    assert sum(kinds) >= 4
