@@ -35,10 +35,16 @@ through the same scene with the objects frame 0 does not show put at other place
 where those objects are).
 
     python metric.py still --ckpts=assets/cd,assets/dmd --frames=64   # a camera that stands still
+    python metric.py reveal --ckpts=assets/bidir,assets/dmd           # an object only the caption names
 
 The still-camera metric asks "does a world that does not move stay still?": the camera stands at each long
 held-out scene's start pose, so every true frame is frame 0; it scores PSNR against frame 0 (drift) and
 flicker, the mean change of a pixel from the previous frame (in 1/255; the truth's is 0).
+
+The reveal metric asks "does the model draw what only the caption names?": on held-out paths that turn
+until an object frame 0 does not show stands in the view (`world.reveal_heldout_paths`), each model
+generates the clip from frame 0 under the true caption, one with every object named purple, and none; on
+the object's pixels its frames are compared with the truth and with the same world without the object.
 """
 import dataclasses
 import json
@@ -550,6 +556,84 @@ def long_report(cfg):
     print(table)
 
 
+
+REVEAL_CAPTIONS = ("true", "purple", "none")  # the caption as it is, every object named purple, no caption
+
+
+def reveal_clips(n, frames, height, width, text_dim, text_len, seed=0):
+    """n held-out reveal clips (world.reveal_heldout_paths: the path turns until an object frame 0 does not show
+    stands in the view): the true video (n, 3, F, H, W), cameras, "shown" (n, 3, F, H, W), the same path with
+    that object (and every other frame 0 does not show) left out, and the text under each of REVEAL_CAPTIONS."""
+    out = {"video": [], "shown": [], "w2c": [], "K": [], **{f"text_{c}": [] for c in REVEAL_CAPTIONS}}
+    for scene_seed, _, cams in world.reveal_heldout_paths(n, frames, seed, width, height):
+        out["video"].append(world.render_world(scene_seed, cams, height, width))
+        out["shown"].append(world.render_world(scene_seed, cams, height, width, scene=world.redraw_unseen(
+            scene_seed, cams, height, width, invent=False)))
+        out["w2c"].append(cams.w2c[0])
+        out["K"].append(cams.K[0])
+        text = world.caption(scene_seed)
+        purple = " ".join("purple" if w in world.OBJECT_COLOURS else w for w in text.split())
+        out["text_true"].append(world.text_embedding(text, text_dim, text_len))
+        out["text_purple"].append(world.text_embedding(purple, text_dim, text_len))
+        out["text_none"].append(torch.zeros(text_len, text_dim))  # what caption dropout trains on
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def reveal_scores(video, clips):
+    """Where the entering object stands (truth and "shown" differ by > 0.1 in some channel, -1..1 scale): the
+    mean largest-channel distance of `video` (n, 3, F, H, W) from the truth and from the world without it; and
+    the mean-colour error of frames 1.. against the truth (frame_scores'). A model that draws what the caption
+    names is near the truth there, one that invents nothing near "shown"."""
+    where = (clips["video"] - clips["shown"]).abs().amax(1) > 0.1  # (n, F, H, W)
+    gap = lambda other: (video - other).abs().amax(1)[where].mean().item()
+    return dict(to_truth=gap(clips["video"]), to_shown=gap(clips["shown"]),
+                colour=frame_scores(video, clips["video"])["colour"][1:].mean().item(), pixels=where.float().mean().item())
+
+
+@dataclass
+class RevealConfig:
+    """python metric.py reveal --ckpts=A,B,...: does a model draw what only the caption names?"""
+    ckpts: str = "assets/bidir,assets/dmd"  # comma-separated checkpoints: Phase 1 ones sample whole clips
+    clips: int = 32  # held-out reveal paths
+    frames: int = 8  # latent frames per clip
+    steps: int = 25  # Euler steps (Phase 1 whole clip; Stage 1 per chunk); the distilled ones use their few
+    guidance: float = 1.0  # text CFG for Phase 1 checkpoints
+    out: str = ""  # OUT.md: the table, if given
+    device: str = ""
+
+
+def reveal_report(cfg):
+    """Each checkpoint of cfg.ckpts on the held-out reveal clips, under each caption of REVEAL_CAPTIONS."""
+    paths = [p for p in cfg.ckpts.split(",") if p]
+    if not paths or cfg.clips < 1 or cfg.frames < 2 or cfg.steps < 1:
+        common.die("metric.py reveal: give --ckpts=A,B,...; --clips >= 1, --frames >= 2, --steps >= 1")
+    device, codec, rows = common.device_of(cfg.device), data.PixelCodec(2), []
+    head = ("| model | caption | entering object's pixels: to the truth / to the world without it | "
+            "colour error, frames 1.. |")
+    for path in paths:
+        stream = dataclasses.replace(LongConfig(), steps=cfg.steps, device=cfg.device)
+        net, trained, sample = streaming_sampler(path, stream, device)
+        if json.load(open(common.stem_of(path) + ".json")).get("stage") == "bidir":  # whole clip, with CFG
+            sample = lambda noise, text, cams, first: M.sample_bidir(
+                net, noise, text, cams, M.image_cond(first, noise.shape[2]), M.euler_sigmas(cfg.steps, 1.0),
+                guidance=cfg.guidance)
+        clips = reveal_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len)
+        x0 = codec.encode(clips["video"])
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+        cams = Cameras(clips["w2c"], clips["K"]).to(device)
+        for caption in REVEAL_CAPTIONS:
+            with torch.no_grad():
+                latents = sample(noise.to(device), clips[f"text_{caption}"].to(device), cams, x0[:, :, 0].to(device))
+            s = reveal_scores(codec.decode(latents.cpu()).clamp(-1, 1), clips)
+            rows.append(f"| {Path(path).name} | {caption} | {s['to_truth']:.3f} / {s['to_shown']:.3f} | {s['colour']:.4f} |")
+    s = reveal_scores(clips["shown"], clips)
+    rows.append(f"| the world without it (invents nothing) | – | {s['to_truth']:.3f} / 0 | {s['colour']:.4f} |")
+    table = "\n".join([head, "| --- | --- | --- | --- |", *rows,
+                       f"\n{cfg.clips} held-out reveal paths; the entering object covers {s['pixels']:.1%} of their pixels."])
+    if cfg.out:
+        common.atomic_write(cfg.out + ".md", lambda p: Path(p).write_text(table + "\n"))
+    print(table)
+
 @dataclass
 class StillConfig(LongConfig):
     """python metric.py still --ckpts=A,B,...: the camera stands still at each long held-out scene's start."""
@@ -683,7 +767,9 @@ if __name__ == "__main__":
         long_report(common.parse_config(LongConfig, sys.argv[2:]))
     elif len(sys.argv) >= 2 and sys.argv[1] == "still":
         still_report(common.parse_config(StillConfig, sys.argv[2:]))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "reveal":
+        reveal_report(common.parse_config(RevealConfig, sys.argv[2:]))
     else:
         common.die("usage: python metric.py table OUT_DIR | python metric.py plot OUT_DIR NAME | "
-                   "python metric.py compare OUT.png CKPT [CKPT ...] | python metric.py long|still [--ckpts=A,B ...] | "
+                   "python metric.py compare OUT.png CKPT [CKPT ...] | python metric.py long|still|reveal [--ckpts=A,B ...] | "
                    "python metric.py ablation OUT_DIR")

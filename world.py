@@ -244,6 +244,15 @@ def _gap(obj, centres):
     return ((centres - c).abs() - half).clamp_min(0).norm(dim=-1)
 
 
+def objects_shown(scene_seed, first, height, width):
+    """The indices of the objects frame 0 (Cameras (1, 1)) shows: each alone changes its rendering (a sliver
+    at the edge or a shadow is enough)."""
+    scene = make_scene(scene_seed)
+    frame0 = lambda objects: render_world(scene_seed, first, height, width, scene={**scene, "objects": objects})
+    bare = frame0([])
+    return [k for k, o in enumerate(scene["objects"]) if not torch.equal(frame0([o]), bare)]
+
+
 def redraw_unseen(scene_seed, cameras, height, width, draw=0, margin=1.0, tries=200, invent=True):
     """The scene as a perfect world model could imagine it from frame 0 and the caption alone: a scene dict
     for render_world(scene=...), the long-rollout metric's re-drawn-world row. invent=False leaves every
@@ -258,12 +267,12 @@ def redraw_unseen(scene_seed, cameras, height, width, draw=0, margin=1.0, tries=
     scene = make_scene(scene_seed)
     first = Cameras(cameras.w2c[:1, :1], cameras.K[:1, :1])
     frame0 = lambda objects: render_world(scene_seed, first, height, width, scene={**scene, "objects": objects})
-    bare = frame0([])  # frame 0 with no object: an object "shows" if it alone changes it
+    bare = frame0([])
     n, rng, centres = len(scene["objects"]), np.random.default_rng([scene_seed, draw]), _world_centres(cameras)[0]
-    shown = [o for o in scene["objects"] if not torch.equal(frame0([o]), bare)]
+    shown = objects_shown(scene_seed, first, height, width)
     objects = []
     for k, obj in enumerate(scene["objects"]):
-        if any(o is obj for o in shown):
+        if k in shown:
             objects.append(obj)
             continue
         if not invent:  # left out: the world shows only what frame 0 showed
@@ -333,9 +342,8 @@ def reveal_path(generator, frames, scene_seed, width=1, height=1, min_share=0.04
     rand = lambda: torch.rand((), generator=generator).item()
     objects = make_scene(scene_seed)["objects"]
     start = actions_to_cameras("x", width=width, height=height, pitch0=START_PITCH)  # frame 0 only ("x": stand)
-    labels = lambda cameras: render_world(scene_seed, cameras, height, width, True, supersample=1)[1]  # cheap
-    shown = set(labels(Cameras(start.w2c[:, :1], start.K[:, :1])).unique().tolist())
-    unseen = [k for k in range(len(objects)) if 2 + k not in shown]
+    shown = objects_shown(scene_seed, Cameras(start.w2c[:, :1], start.K[:, :1]), height, width)
+    unseen = [k for k in range(len(objects)) if k not in shown]
     for _ in range(tries if unseen else 0):
         k = unseen[int(rand() * len(unseen))]
         x, _, z = objects[k]["centre"]
@@ -351,7 +359,8 @@ def reveal_path(generator, frames, scene_seed, width=1, height=1, min_share=0.04
         if not _path_ok(cameras, scene_seed):
             continue
         last = Cameras(cameras.w2c[:, -1:], cameras.K[:, -1:])
-        if (labels(last) == 2 + k).float().mean() >= min_share:
+        labels = render_world(scene_seed, last, height, width, True, supersample=1)[1]  # cheap: one frame, one ray a pixel
+        if (labels == 2 + k).float().mean() >= min_share:
             return actions, cameras
     return None
 
@@ -402,6 +411,7 @@ def heldout_path(index, frames, seed=0, width=1, height=1):
 
 
 LONG_SEED_OFFSET = 500_000  # long held-out paths use scenes EVAL_SEED_BASE + 500_000 + ...: apart from heldout_path's
+REVEAL_SEED_OFFSET = 800_000  # held-out reveal paths: scenes EVAL_SEED_BASE + 800_000 + ...
 
 
 def long_actions(scene_seed, steps, trans_step=0.25, rot_step=5.0, radius=5.0, seed=0):
@@ -449,3 +459,15 @@ def long_heldout_path(index, frames, seed=0, width=1, height=1):
     scene_seed = EVAL_SEED_BASE + LONG_SEED_OFFSET + seed * 100_000 + index
     actions = long_actions(scene_seed, frames - 1, seed=seed)
     return scene_seed, actions, actions_to_cameras(actions, 0.25, 5.0, width, height, START_PITCH)
+
+
+def reveal_heldout_paths(n, frames, seed=0, width=1, height=1):
+    """The first n held-out reveal paths: [(scene_seed, actions, cameras (1, frames))], a `reveal_path` from the
+    start pose of each held-out scene (from EVAL_SEED_BASE + REVEAL_SEED_OFFSET on) that has one; fixed for a seed."""
+    out, scene_seed = [], EVAL_SEED_BASE + REVEAL_SEED_OFFSET + seed * 100_000
+    while len(out) < n:
+        path = reveal_path(torch.Generator().manual_seed(scene_seed), frames, scene_seed, width, height)
+        if path is not None:
+            out.append((scene_seed, *path))
+        scene_seed += 1
+    return out

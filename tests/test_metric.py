@@ -7,6 +7,7 @@ import torch
 
 import data
 import metric
+import world
 
 
 def clips_and_codec(n=3, frames=4, size=16):
@@ -96,6 +97,20 @@ def test_still_metric_a_still_world_scores_zero_flicker_a_blinking_one_its_step(
     blink = held + step * (torch.arange(6) % 2).view(1, 1, 6, 1, 1)
     flicker = metric.still_scores(blink, clips["first"])["flicker"]
     assert flicker[0] == 0 and torch.allclose(flicker[1:], torch.full((5,), 4.0), atol=1e-4)
+
+
+def test_reveal_metric_a_model_that_draws_the_object_scores_the_truth_one_that_invents_nothing_the_bare_world():
+    clips = metric.reveal_clips(3, 8, 32, 32, 8, 32)
+    assert [p[0] for p in world.reveal_heldout_paths(3, 8, width=32, height=32)] == \
+        [p[0] for p in world.reveal_heldout_paths(3, 8, width=32, height=32)]  # fixed
+    assert min(p[0] for p in world.reveal_heldout_paths(3, 8)) >= world.EVAL_SEED_BASE  # held out
+    assert torch.equal(clips["video"][:, :, 0], clips["shown"][:, :, 0])  # frame 0 does not show it
+    truth, bare = metric.reveal_scores(clips["video"], clips), metric.reveal_scores(clips["shown"], clips)
+    assert 0.01 < truth["pixels"] < 0.2  # the object enters: part of the frames, not all
+    assert truth["to_truth"] == 0 and truth["colour"] == 0 and truth["to_shown"] == bare["to_truth"] > 0.2
+    assert bare["to_shown"] == 0 and bare["colour"] > 0
+    # the caption variants: only the object colours change (purple), or nothing is said (zeros)
+    assert not torch.equal(clips["text_true"], clips["text_purple"]) and clips["text_none"].abs().max() == 0
 
 
 def test_ablation_tables_from_fake_runs(tmp_path):
