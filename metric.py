@@ -466,7 +466,6 @@ def compare_samples(path, ckpts, clips=2, scale=3):
     """PNG: for the first held-out clips, the truth's frames 1..F-1 above each checkpoint's few-step
     rollout of the same clip and noise (what the sharpness number means, as a picture). Clip length,
     frame size and text length are those the first checkpoint was trained with."""
-    from PIL import Image, ImageDraw
     nets = [common.or_die(M.load_pretrained, ck).eval() for ck in ckpts]
     trained = common.StageConfig(**{k: v for k, v in json.load(open(common.stem_of(ckpts[0]) + ".json")).get(
         "config", {}).items() if k in ("frames", "height", "width", "text_len")})
@@ -478,18 +477,25 @@ def compare_samples(path, ckpts, clips=2, scale=3):
     for ck, net in zip(ckpts, nets):
         sample, _ = metric_fns(net, "ar", few, renoise=True)
         rows.append((Path(ck).name, codec.decode(sample(noise, ev["text"], cams, x0[:, :, 0])).clamp(-1, 1)))
+    frames_png(path, rows, clips, scale)
+
+
+def frames_png(path, rows, clips, scale=3):
+    """PNG of videos side by side: for each of the first `clips` clips, one row per (name, video (B, 3, F, H, W)
+    in [-1, 1]) with its frames 1..F-1 (frame 0 is given) from left to right."""
+    from PIL import Image, ImageDraw
     F_, H, W = rows[0][1].shape[2:]
-    L, w, h = 60, W * scale, H * scale
+    L, w, h = max(60, 6 * max(len(name) for name, _ in rows) + 10), W * scale, H * scale  # names in PIL's 6-px font
     img = Image.new("RGB", (L + (F_ - 1) * w, clips * len(rows) * h + (clips - 1) * 6), "white")
     d = ImageDraw.Draw(img)
     for c in range(clips):
         for r, (name, vid) in enumerate(rows):
             y = (c * len(rows) + r) * h + c * 6
             d.text((4, y + h // 2 - 5), name, fill=(0, 0, 0))
-            for f in range(1, F_):  # frame 0 is given
+            for f in range(1, F_):
                 px = ((vid[c, :, f] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
                 img.paste(Image.fromarray(px).resize((w, h), Image.NEAREST), (L + (f - 1) * w, y))
-    img.save(path)
+    img.save(path, format="PNG")
 
 
 @dataclass
@@ -558,6 +564,7 @@ def long_report(cfg):
 
 
 REVEAL_CAPTIONS = ("true", "purple", "none")  # the caption as it is, every object named purple, no caption
+REVEAL_PNG_CLIPS = 4  # clips in `metric.py reveal --out`'s picture
 
 
 def reveal_clips(n, frames, height, width, text_dim, text_len, seed=0):
@@ -598,7 +605,7 @@ class RevealConfig:
     frames: int = 8  # latent frames per clip
     steps: int = 25  # Euler steps (Phase 1 whole clip; Stage 1 per chunk); the distilled ones use their few
     guidance: float = 1.0  # text CFG for Phase 1 checkpoints
-    out: str = ""  # OUT.md: the table, if given
+    out: str = ""  # OUT.md (the table) and OUT.png (the first clips: the truth, then each model, true caption), if given
     device: str = ""
 
 
@@ -607,7 +614,7 @@ def reveal_report(cfg):
     paths = [p for p in cfg.ckpts.split(",") if p]
     if not paths or cfg.clips < 1 or cfg.frames < 2 or cfg.steps < 1:
         common.die("metric.py reveal: give --ckpts=A,B,...; --clips >= 1, --frames >= 2, --steps >= 1")
-    device, codec, rows = common.device_of(cfg.device), data.PixelCodec(2), []
+    device, codec, rows, videos = common.device_of(cfg.device), data.PixelCodec(2), [], []
     head = ("| model | caption | entering object's pixels: to the truth / to the world without it | "
             "colour error, frames 1.. |")
     for path in paths:
@@ -624,14 +631,19 @@ def reveal_report(cfg):
         for caption in REVEAL_CAPTIONS:
             with torch.no_grad():
                 latents = sample(noise.to(device), clips[f"text_{caption}"].to(device), cams, x0[:, :, 0].to(device))
-            s = reveal_scores(codec.decode(latents.cpu()).clamp(-1, 1), clips)
-            rows.append(f"| {Path(path).name} | {caption} | {s['to_truth']:.3f} / {s['to_shown']:.3f} | {s['colour']:.4f} |")
+            video = codec.decode(latents.cpu()).clamp(-1, 1)
+            s = reveal_scores(video, clips)
+            if caption == "true":
+                videos.append(("/".join(Path(path).parts[-2:]), video))
+            rows.append(f"| {'/'.join(Path(path).parts[-2:])} | {caption} | {s['to_truth']:.3f} / {s['to_shown']:.3f} | {s['colour']:.4f} |")
     s = reveal_scores(clips["shown"], clips)
     rows.append(f"| the world without it (invents nothing) | – | {s['to_truth']:.3f} / 0 | {s['colour']:.4f} |")
     table = "\n".join([head, "| --- | --- | --- | --- |", *rows,
                        f"\n{cfg.clips} held-out reveal paths; the entering object covers {s['pixels']:.1%} of their pixels."])
     if cfg.out:
         common.atomic_write(cfg.out + ".md", lambda p: Path(p).write_text(table + "\n"))
+        common.atomic_write(cfg.out + ".png", lambda p: frames_png(p, [("truth", clips["video"])] + videos,
+                                                                   min(cfg.clips, REVEAL_PNG_CLIPS)))
     print(table)
 
 @dataclass

@@ -113,6 +113,20 @@ def test_reveal_metric_a_model_that_draws_the_object_scores_the_truth_one_that_i
     assert not torch.equal(clips["text_true"], clips["text_purple"]) and clips["text_none"].abs().max() == 0
 
 
+
+def test_reveal_report_table_and_picture(tmp_path):
+    from PIL import Image
+    out = str(tmp_path / "reveal")
+    metric.reveal_report(metric.RevealConfig(ckpts="assets/bidir,assets/cd", clips=1, steps=2, out=out))
+    rows = [r for r in open(out + ".md").read().splitlines() if r.startswith("| assets/") or r.startswith("| the world")]
+    assert [r.split(" | ")[:2] for r in rows[:6]] == [[f"| assets/{m}", c] for m in ("bidir", "cd") for c in metric.REVEAL_CAPTIONS]
+    clips = metric.reveal_clips(1, 8, 32, 32, 64, 16)
+    bare = metric.reveal_scores(clips["shown"], clips)
+    assert rows[6] == f"| the world without it (invents nothing) | – | {bare['to_truth']:.3f} / 0 | {bare['colour']:.4f} |"
+    img = np.asarray(Image.open(out + ".png").convert("RGB"))
+    assert img.shape[0] == 3 * 32 * 3  # one clip: the truth, then the two models
+
+
 def test_ablation_tables_from_fake_runs(tmp_path):
     ev = lambda margin: dict(psnr=20.0 + margin, control_margin=margin, margin_wins=0.5 + margin / 10,
                              oracle_margin=2.0, margin_ratio=margin / 2, gain_static=margin, sharpness=0.9,
