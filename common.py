@@ -237,7 +237,7 @@ def check_stage_config(cfg):
         "frames": (lambda v: v >= 2, "at least 2 (frame 0 is given, the rest are generated)"),
         "ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
         "text_drop": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-        **{k: (lambda v: 0 <= v <= 1, "in [0, 1]") for k in ("context_noise", "first_window")},
+        **{k: (lambda v: 0 <= v <= 1, "in [0, 1]") for k in ("context_noise", "first_window", "reveal")},
         "context_sigma": (lambda v: 0 <= v <= 1 or v == -1 == getattr(type(cfg), "context_sigma", None),
                           "in [0, 1] (or -1 where that is the default: the input model's own)"),
         **{k: (lambda v: v >= 0, "at least 0") for k in ("eval_frames", "tf_sink", "tf_window", "rollout_frames")},

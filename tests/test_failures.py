@@ -131,6 +131,7 @@ CASES = [
     (["train_bidir.py", "--quick", "--frames=1", "--out_dir={d}/t"], "--frames=1 must be at least 2"),
     (["train_bidir.py", "--quick", "--ema=1.5", "--out_dir={d}/t"], "--ema=1.5 must be in [0, 1)"),
     (["train_bidir.py", "--quick", "--text_drop=2", "--out_dir={d}/t"], "--text_drop=2.0 must be in [0, 1]"),
+    (["train_bidir.py", "--quick", "--reveal=1.5", "--out_dir={d}/t"], "--reveal=1.5 must be in [0, 1]"),
     (["train_bidir.py", "--quick", "--warmup=-1", "--out_dir={d}/t"], "--warmup=-1 must be at least 0"),
     (["train_bidir.py", "--quick", "--device=cuda:7", "--out_dir={d}/t"], "no CUDA GPU"),
     (["train_bidir.py", "--quick", "--init={d}/bare.pt", "--out_dir={d}/t"], "carry no model config"),
