@@ -643,7 +643,7 @@ def reveal_report(cfg):
     if cfg.out:
         common.atomic_write(cfg.out + ".md", lambda p: Path(p).write_text(table + "\n"))
         common.atomic_write(cfg.out + ".png", lambda p: frames_png(p, [("truth", clips["video"])] + videos,
-                                                                   min(cfg.clips, REVEAL_PNG_CLIPS)))
+                                                                   min(cfg.clips, REVEAL_PNG_CLIPS), scale=2))
     print(table)
 
 @dataclass

@@ -124,7 +124,7 @@ def test_reveal_report_table_and_picture(tmp_path):
     bare = metric.reveal_scores(clips["shown"], clips)
     assert rows[6] == f"| the world without it (invents nothing) | – | {bare['to_truth']:.3f} / 0 | {bare['colour']:.4f} |"
     img = np.asarray(Image.open(out + ".png").convert("RGB"))
-    assert img.shape[0] == 3 * 32 * 3  # one clip: the truth, then the two models
+    assert img.shape[0] == 3 * 32 * 2  # one clip: the truth, then the two models (2x)
 
 
 def test_ablation_tables_from_fake_runs(tmp_path):
