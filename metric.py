@@ -618,11 +618,12 @@ def reveal_report(cfg):
     head = ("| model | caption | entering object's pixels: to the truth / to the world without it | "
             "colour error, frames 1.. |")
     for path in paths:
+        name = "/".join(Path(path).parts[-2:])  # run folder and checkpoint: runs name theirs alike (bidir, dmd)
         stream = dataclasses.replace(LongConfig(), steps=cfg.steps, device=cfg.device)
         net, trained, sample = streaming_sampler(path, stream, device)
         if json.load(open(common.stem_of(path) + ".json")).get("stage") == "bidir":  # whole clip, with CFG
             sample = lambda noise, text, cams, first: M.sample_bidir(
-                net, noise, text, cams, M.image_cond(first, noise.shape[2]), M.euler_sigmas(cfg.steps, 1.0),
+                net, noise, text, cams, M.image_cond(first, noise.shape[2]), M.euler_sigmas(cfg.steps),
                 guidance=cfg.guidance)
         clips = reveal_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len)
         x0 = codec.encode(clips["video"])
@@ -634,8 +635,8 @@ def reveal_report(cfg):
             video = codec.decode(latents.cpu()).clamp(-1, 1)
             s = reveal_scores(video, clips)
             if caption == "true":
-                videos.append(("/".join(Path(path).parts[-2:]), video))
-            rows.append(f"| {'/'.join(Path(path).parts[-2:])} | {caption} | {s['to_truth']:.3f} / {s['to_shown']:.3f} | {s['colour']:.4f} |")
+                videos.append((name, video))
+            rows.append(f"| {name} | {caption} | {s['to_truth']:.3f} / {s['to_shown']:.3f} | {s['colour']:.4f} |")
     s = reveal_scores(clips["shown"], clips)
     rows.append(f"| the world without it (invents nothing) | – | {s['to_truth']:.3f} / 0 | {s['colour']:.4f} |")
     table = "\n".join([head, "| --- | --- | --- | --- |", *rows,

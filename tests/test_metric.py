@@ -113,7 +113,6 @@ def test_reveal_metric_a_model_that_draws_the_object_scores_the_truth_one_that_i
     assert not torch.equal(clips["text_true"], clips["text_purple"]) and clips["text_none"].abs().max() == 0
 
 
-
 def test_reveal_report_table_and_picture(tmp_path):
     from PIL import Image
     out = str(tmp_path / "reveal")

@@ -10,7 +10,6 @@ from prope import Cameras
 from helpers import assert_rigid
 
 
-
 def test_render_deterministic_and_same_pose_same_frame():
     cams = cameras.load_cameras("x*3")
     video = world.render_world(7, cams, 24, 24)
