@@ -153,7 +153,7 @@ class StageConfig:
     frames: int = 8  # latent frames per clip
     height: int = 32  # video pixels (procedural world)
     width: int = 32
-    text_len: int = 16  # text tokens
+    text_len: int = 0  # text tokens; 0 = the input checkpoint's (input_text_len), TEXT_LEN from scratch
     batch_size: int = 8  # global batch, split over the ranks
     max_steps: int = 1000
     lr: float = 1e-4
@@ -228,9 +228,10 @@ def setup_ddp(device=None):
 def check_stage_config(cfg):
     """Refuse, in one line each, settings that cannot give a meaningful run (before anything is loaded)."""
     rules = {  # field: (test, what it must be)
-        **{k: (lambda v: v >= 1, "at least 1") for k in ("batch_size", "height", "width", "text_len", "max_steps",
+        **{k: (lambda v: v >= 1, "at least 1") for k in ("batch_size", "height", "width", "max_steps",
                                                         "eval_every", "save_every", "log_every", "eval_clips")},
         **{k: (lambda v: v >= 0, "at least 0") for k in ("warmup", "ema_warmup", "stop_after", "seed")},
+        "text_len": (lambda v: v >= 0, "at least 0 (0 = the input checkpoint's)"),
         **{k: (lambda v: math.isfinite(v) and v > 0, "a finite number > 0") for k in ("lr", "shift", "grad_clip")},
         **{k: (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0") for k in ("min_lr", "weight_decay",
                                                                                        "camera_noise", "camera_scale_drift")},
@@ -254,6 +255,8 @@ def start(cfg):
     """The first lines of every stage: checks, DDP, out_dir, log file, seeds. Returns (rank, local_rank,
     world, device, stem). A run never silently replaces a checkpoint or its own input."""
     check_stage_config(cfg)
+    if cfg.text_len == 0:  # a later stage reads the caption as its input model learnt it
+        cfg.text_len = input_text_len(getattr(cfg, "ckpt", "") or getattr(cfg, "init", ""))
     stem = os.path.join(cfg.out_dir, cfg.name)
     for key in ("ckpt", "teacher", "init"):  # the inputs
         if getattr(cfg, key, "") and os.path.abspath(stem_of(getattr(cfg, key))) == os.path.abspath(stem):
@@ -410,6 +413,18 @@ def progress(iterable_or_total, **kw):
 
 def stem_of(path):  # "x", "x.safetensors", "x.json" and "x.opt.pt" all name checkpoint x
     return re.sub(r"\.(safetensors|json|opt\.pt)$", "", str(path))
+
+TEXT_LEN = 16  # text tokens of a model trained from scratch (the embedded world's captions: 25 words on average, 31 at most)
+
+
+def input_text_len(path):
+    """The text length checkpoint `path` was trained with (its JSON's config), TEXT_LEN if it records none or there
+    is no checkpoint: a stage or a rollout must feed a model captions cut as it learnt them (a model trained on
+    32 tokens fed 16 loses the caption's second half without a word)."""
+    try:
+        return int(json.load(open(stem_of(path) + ".json"))["config"]["text_len"]) if path else TEXT_LEN
+    except (OSError, ValueError, KeyError, TypeError):
+        return TEXT_LEN
 
 def _jsonable(x):
     """Dataclasses -> dicts, tuples -> lists, dtypes/paths -> strings, recursively."""

@@ -22,7 +22,7 @@ import torch
 import world
 from prope import Cameras
 from cameras import load_cameras, normalize_scale, perturb_cameras
-from common import atomic_write, mix_seed
+from common import TEXT_LEN, atomic_write, mix_seed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -37,6 +37,7 @@ def training_source(cfg, model_cfg):
     for the stage's sigma sampling, text (B, L, D) (zeros where dropped), cameras (Cameras).
     cfg needs: seed, batch_size, frames, height, width, text_len, text_drop, camera_noise, data.
     """
+    text_len = cfg.text_len or TEXT_LEN  # 0: common.start gives a stage its input's; a config used directly, from scratch's
     if cfg.data:
         dataset = LatentDataset(cfg.data)
         codec = None  # latents come prepared; nothing to decode while training
@@ -49,7 +50,7 @@ def training_source(cfg, model_cfg):
             item = dataset[int(torch.randint(len(dataset), (1,), generator=generator))]
             x0, w2c, K, text = item["latents"].float(), item["w2c"], item["K"], item["text"]
         else:
-            clip = world.make_clip(cfg.seed, g, cfg.frames, cfg.height, cfg.width, model_cfg.text_dim, cfg.text_len,
+            clip = world.make_clip(cfg.seed, g, cfg.frames, cfg.height, cfg.width, model_cfg.text_dim, text_len,
                                    getattr(cfg, "wander", False), getattr(cfg, "reveal", 0.0))
             x0 = codec.encode(clip["video"][None])[0]
             w2c, K, text = clip["w2c"], clip["K"], clip["text"]

@@ -50,7 +50,7 @@ class StreamConfig:
     window: int = M.STREAM_WINDOW  # latent frames of recent context kept in the cache
     height: int = 32  # output pixels
     width: int = 32
-    text_len: int = 16
+    text_len: int = 0  # text tokens; 0 = the checkpoint's (common.input_text_len)
     trans_step: float = 0.25  # metres per action step
     rot_step: float = 5.0  # degrees per action step
     fps: int = 8
@@ -81,7 +81,7 @@ def check_stream_config(cfg):
         (cfg.window >= 1, f"--window must be at least 1 frame, got {cfg.window}"),
         (1 <= cfg.height <= MAX_SIDE and 1 <= cfg.width <= MAX_SIDE,
          f"--height/--width must be 1..{MAX_SIDE} pixels, got {cfg.height}x{cfg.width}"),
-        (1 <= cfg.text_len <= 4096, f"--text_len must be 1..4096, got {cfg.text_len}"),
+        (0 <= cfg.text_len <= 4096, f"--text_len must be 0..4096 (0 = the checkpoint's), got {cfg.text_len}"),
         (1 <= cfg.fps <= 240, f"--fps must be 1..240, got {cfg.fps}"),
         (cfg.seed >= 0 and cfg.scene_seed >= 0, f"--seed and --scene_seed must be >= 0, got {cfg.seed}, {cfg.scene_seed}"),
         (math.isfinite(cfg.trans_step) and math.isfinite(cfg.rot_step),
@@ -175,6 +175,8 @@ def load_model(cfg, device):
     """The checkpoint (--ckpt or the shipped one) and its codec -> (net, codec, ckpt); a bad one dies in one line."""
     check_stream_config(cfg)
     ckpt = cfg.ckpt or default_ckpt()
+    if cfg.text_len == 0:
+        cfg.text_len = common.input_text_len(ckpt)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.dtype) or (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     net = common.or_die(M.load_pretrained, ckpt, model_config=cfg.model_config or None).to(device, dtype).eval()

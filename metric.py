@@ -102,7 +102,7 @@ def stage_clips(cfg, model_cfg, rank):
     if rank != 0 or cfg.data or getattr(cfg, "fsdp", False):
         return None
     return eval_clips(cfg.eval_clips, cfg.eval_frames or cfg.frames, cfg.height, cfg.width, model_cfg.text_dim,
-                      cfg.text_len)
+                      cfg.text_len or common.TEXT_LEN)
 
 
 def metric_fns(net, mode, sigmas, renoise=False):
@@ -468,7 +468,7 @@ def compare_samples(path, ckpts, clips=2, scale=3):
     frame size and text length are those the first checkpoint was trained with."""
     nets = [common.or_die(M.load_pretrained, ck).eval() for ck in ckpts]
     trained = common.StageConfig(**{k: v for k, v in json.load(open(common.stem_of(ckpts[0]) + ".json")).get(
-        "config", {}).items() if k in ("frames", "height", "width", "text_len")})
+        "config", {}).items() if k in ("frames", "height", "width")}, text_len=common.input_text_len(ckpts[0]))
     ev = eval_clips(clips, trained.frames, trained.height, trained.width, nets[0].cfg.text_dim, trained.text_len)
     codec, few = data.PixelCodec(2), M.few_step_sigmas(M.FEW_STEP_TIMESTEPS)
     x0, cams = codec.encode(ev["video"]), Cameras(ev["w2c"], ev["K"])  # (B, C, F, h, w)
@@ -519,7 +519,7 @@ def streaming_sampler(path, cfg, device):
     if cfg.context_sigma >= 0:
         net.cfg.context_sigma = cfg.context_sigma
     trained = common.StageConfig(**{k: v for k, v in common.or_die(common.load_checkpoint, path, load_opt=False)[
-        "meta"].get("config", {}).items() if k in ("height", "width", "text_len")})
+        "meta"].get("config", {}).items() if k in ("height", "width")}, text_len=common.input_text_len(path))
     stage = json.load(open(common.stem_of(path) + ".json")).get("stage")
     sigmas = M.euler_sigmas(cfg.steps) if stage == "ar" else M.few_step_sigmas(M.FEW_STEP_TIMESTEPS)
 

@@ -285,3 +285,13 @@ def test_seed_and_logging(tmp_path, capsys):
         common.set_log_file(None)
     assert "step 1 loss 0.5" in capsys.readouterr().out
     assert (tmp_path / "run" / "log.txt").read_text() == "step 1 loss 0.5\n"
+
+
+def test_input_text_len_a_later_stage_reads_the_caption_as_its_input_learnt_it(tmp_path):
+    (tmp_path / "long.json").write_text(json.dumps({"config": {"text_len": 32}}))
+    (tmp_path / "old.json").write_text(json.dumps({"config": {}}))
+    assert common.input_text_len(str(tmp_path / "long")) == 32
+    assert common.input_text_len(str(tmp_path / "long.safetensors")) == 32
+    assert common.input_text_len(str(tmp_path / "old")) == common.TEXT_LEN  # records none
+    assert common.input_text_len(str(tmp_path / "missing")) == common.input_text_len("") == common.TEXT_LEN
+    assert common.input_text_len("assets/dmd") == 16  # the shipped chain's

@@ -74,7 +74,7 @@ CASES = [
     (INFER + ["--actions=w*4", "--device=mps"], "only cpu and cuda"),
     (INFER + ["--actions=w*4", "--scene_seed=-1"], "--scene_seed must be"),
     (INFER + ["--actions=w*4", "--seed=-5"], "--seed and --scene_seed must be"),
-    (INFER + ["--actions=w*4", "--text_len=0"], "--text_len must be"),
+    (INFER + ["--actions=w*4", "--text_len=-1"], "--text_len must be"),
     (INFER + ["--actions=w*100000000000000000000"], "more than 100000 steps"),
     (INFER + ["--actions=w*4", "--height=4096", "--width=4096"], "1..2048 pixels"),
     (INFER + ["--actions=w*4", "--trans_step=nan"], "must be finite"),

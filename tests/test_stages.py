@@ -203,9 +203,10 @@ def test_dmd_critic_loss_decreases():
 
 @pytest.fixture(scope="module")
 def quick_chain(tmp_path_factory):
-    """bidir -> ar -> ode at smoke size, shared by the resume and infer tests."""
+    """bidir -> ar -> ode at smoke size, shared by the resume and infer tests; Phase 1 with 8 text tokens,
+    which every later stage and infer.py take from their input checkpoint."""
     d = tmp_path_factory.mktemp("chain")
-    for args in (["train_bidir.py", "--quick"], ["train_ar.py", "--quick", f"--ckpt={d}/bidir"],
+    for args in (["train_bidir.py", "--quick", "--text_len=8"], ["train_ar.py", "--quick", f"--ckpt={d}/bidir"],
                  ["train_ode.py", "--quick", f"--ckpt={d}/ar"]):
         r = run(args + [f"--out_dir={d}", "--eval_every=100"])
         assert r.returncode == 0, r.stderr[-2000:]
@@ -240,6 +241,9 @@ def test_infer_interactive_one_chunk_per_line(quick_chain, tmp_path):
     assert len(streamed) == 3 and "unknown action letter" in r.stderr
     rep = json.load(open(tmp_path / "i.json"))
     assert rep["chunks"] == 3 and rep["frames"] == 2 + 2 + 2  # chunk 2: frame 0 + 1 step, then 2 per line
+    # the caption is cut as Phase 1 learnt it, through every stage and at inference (--text_len 0: the input's)
+    assert [json.load(open(f"{quick_chain}/{s}.json"))["config"]["text_len"] for s in ("bidir", "ar", "ode")] == [8] * 3
+    assert rep["settings"]["text_len"] == 8
     for ext in (".mp4", ".gif", "_path.png"):
         assert os.path.getsize(tmp_path / f"i{ext}") > 0
 
