@@ -102,7 +102,7 @@ def stage_clips(cfg, model_cfg, rank):
     if rank != 0 or cfg.data or getattr(cfg, "fsdp", False):
         return None
     return eval_clips(cfg.eval_clips, cfg.eval_frames or cfg.frames, cfg.height, cfg.width, model_cfg.text_dim,
-                      cfg.text_len or common.TEXT_LEN)
+                      cfg.text_len)  # common.start resolved 0 to the input checkpoint's
 
 
 def metric_fns(net, mode, sigmas, renoise=False):
