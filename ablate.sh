@@ -9,7 +9,7 @@
 #   stages          bidir -> ar -> ode, cd -> dmd: one pipeline.sh chain, ODE and CD side by side
 #
 #   bash ablate.sh --quick           every run at smoke size (about 15 minutes on 2 CPU cores): checks the code
-#   bash ablate.sh                   the full study (about 16 hours of one CPU core; OUT/ablation.md's "Run time" sums
+#   bash ablate.sh                   the full study (17 hours of one CPU core, measured; OUT/ablation.md's "Run time" sums
 #                                    what each run logged, so a study resumed over several invocations is measured too)
 #   bash ablate.sh --out_dir=DIR     where the runs and the tables go (default ablate/, ablate_quick/ with --quick)
 # The tables land in OUT/ablation.md (python metric.py ablation OUT); each run keeps its log and checkpoint, and a
