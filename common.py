@@ -426,6 +426,7 @@ def input_text_len(path):
     except (OSError, ValueError, KeyError, TypeError):
         return TEXT_LEN
 
+
 def _jsonable(x):
     """Dataclasses -> dicts, tuples -> lists, dtypes/paths -> strings, recursively."""
     if dataclasses.is_dataclass(x) and not isinstance(x, type):

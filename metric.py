@@ -518,9 +518,10 @@ def streaming_sampler(path, cfg, device):
     net = common.or_die(M.load_pretrained, path).to(device).eval()
     if cfg.context_sigma >= 0:
         net.cfg.context_sigma = cfg.context_sigma
-    trained = common.StageConfig(**{k: v for k, v in common.or_die(common.load_checkpoint, path, load_opt=False)[
-        "meta"].get("config", {}).items() if k in ("height", "width")}, text_len=common.input_text_len(path))
-    stage = json.load(open(common.stem_of(path) + ".json")).get("stage")
+    meta = common.or_die(common.load_checkpoint, path, load_opt=False)["meta"]  # a minWM checkpoint, or one line
+    trained = common.StageConfig(**{k: v for k, v in meta.get("config", {}).items() if k in ("height", "width")},
+                                 text_len=common.input_text_len(path))
+    stage = meta.get("stage")
     sigmas = M.euler_sigmas(cfg.steps) if stage == "ar" else M.few_step_sigmas(M.FEW_STEP_TIMESTEPS)
 
     def sample(noise, text, cams, first):
