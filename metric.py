@@ -47,6 +47,7 @@ generates the clip from frame 0 under the true caption, one with every object na
 the object's pixels its frames are compared with the truth and with the same world without the object.
 """
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -508,13 +509,15 @@ class LongConfig:
     window: int = M.STREAM_WINDOW
     steps: int = 25  # Euler steps per chunk for a Stage 1 ("ar") checkpoint; the others use their few steps
     context_sigma: float = -1.0  # the noise on generated context in the cache: -1 = each model's own (its config)
+    draws: int = 1  # noise draws per path, averaged: one draw of 32 paths moves a segment's colour error by ~0.003
     out: str = "out/long_rollout"  # writes OUT.png (curves), OUT.md (table by segment), OUT.json (per frame)
     device: str = ""
 
 
 def streaming_sampler(path, cfg, device):
     """A checkpoint's streaming sampler, as infer.py runs it (cfg: sink, window, steps, context_sigma):
-    (net, its training config (height, width, text_len), sample(noise, text, cameras, first) -> latents)."""
+    (net, its training config (height, width, text_len), sample(noise, text, cameras, first, seed=0) -> latents;
+    seed: the noise drawn inside the rollout (re-noising, commits))."""
     net = common.or_die(M.load_pretrained, path).to(device).eval()
     if cfg.context_sigma >= 0:
         net.cfg.context_sigma = cfg.context_sigma
@@ -524,30 +527,38 @@ def streaming_sampler(path, cfg, device):
     stage = meta.get("stage")
     sigmas = M.euler_sigmas(cfg.steps) if stage == "ar" else M.few_step_sigmas(M.FEW_STEP_TIMESTEPS)
 
-    def sample(noise, text, cams, first):
+    def sample(noise, text, cams, first, seed=0):
         return M.sample_ar(net, noise, text, cams, M.image_cond(first, noise.shape[2]), sigmas,
                            renoise=stage != "ar", sink=cfg.sink, window=cfg.window,
-                           generator=torch.Generator(noise.device).manual_seed(0))
+                           generator=torch.Generator(noise.device).manual_seed(seed))
     return net, trained, sample
 
 
 def _check_long(cfg, name):
     paths = [p for p in cfg.ckpts.split(",") if p]
     first = LONG_SEGMENTS[0][1]  # the frames the first segment of the table needs
-    if not paths or cfg.frames < first or cfg.clips < 1 or cfg.steps < 1 or cfg.window < 1 or cfg.sink < 0:
+    if (not paths or cfg.frames < first or cfg.clips < 1 or cfg.steps < 1 or cfg.window < 1 or cfg.sink < 0
+            or cfg.draws < 1):
         common.die(f"metric.py {name}: give --ckpts=A,B,...; --frames >= {first}, --clips >= 1, --steps >= 1, "
-                   "--window >= 1, --sink >= 0")
+                   "--window >= 1, --sink >= 0, --draws >= 1")
     return paths
 
 
 def long_report(cfg):
     """Run long_rollout_metric on every checkpoint of cfg.ckpts; write the table, the curves and the numbers."""
     device = common.device_of(cfg.device)
-    results, baselines = {}, {}
+    results, baselines, per_draw = {}, {}, {}
     for path in _check_long(cfg, "long"):
         net, trained, sample = streaming_sampler(path, cfg, device)
         clips = long_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len)
-        r = long_rollout_metric(sample, data.PixelCodec(2), clips, device=device)
+        # draw d: the starting noise and the rollout's own noise both from seed d (draw 0 is the one-draw table)
+        runs = [long_rollout_metric(functools.partial(sample, seed=d), data.PixelCodec(2), clips, seed=d, device=device)
+                for d in range(cfg.draws)]
+        r = {name: {k: sum(run[name][k] for run in runs) / cfg.draws for k in runs[0][name]} for name in runs[0]}
+        per_draw[Path(path).name] = [segment_scores(run["model"]) for run in runs]
+        if cfg.draws > 1:
+            common.log(f"{path}: colour error by segment, each draw: " + " | ".join(
+                f"{k} " + " ".join(f"{s[k]['colour']:.3f}" for s in per_draw[Path(path).name]) for k in per_draw[Path(path).name][0]))
         results[Path(path).name], baselines = r["model"], r
         common.log(f"{path}: " + " | ".join(f"{k} {v['psnr']:.1f} dB {v['colour']:.3f} {v['sharpness']:.2f}"
                                             for k, v in segment_scores(r["model"]).items()))
@@ -558,7 +569,7 @@ def long_report(cfg):
     common.atomic_write(cfg.out + ".md", lambda p: Path(p).write_text(table + "\n"))
     per_frame = {name: {k: v.tolist() for k, v in s.items()} for name, s in results.items()}
     common.atomic_write(cfg.out + ".json", lambda p: Path(p).write_text(json.dumps(
-        dict(settings=dataclasses.asdict(cfg), per_frame=per_frame))))
+        dict(settings=dataclasses.asdict(cfg), per_frame=per_frame, per_draw_segments=per_draw))))
     plot_long(results, cfg.out + ".png")
     print(table)
 
@@ -689,11 +700,14 @@ def still_report(cfg):
         clips = still_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len)
         codec = data.PixelCodec(2)
         x0 = codec.encode(clips["first"][:, :, None].to(device))  # (B, C, 1, h, w)
-        noise = torch.randn((cfg.clips, x0.shape[1], cfg.frames, *x0.shape[-2:]),
-                            generator=torch.Generator().manual_seed(0)).to(device)
-        video = codec.decode(sample(noise, clips["text"].to(device), Cameras(clips["w2c"], clips["K"]).to(device),
-                                    x0[:, :, 0])).clamp(-1, 1)
-        sc = still_scores(video, clips["first"].to(device))
+        draws = []
+        for d in range(cfg.draws):  # as long_report: draw d's noise, and the rollout's own, from seed d
+            noise = torch.randn((cfg.clips, x0.shape[1], cfg.frames, *x0.shape[-2:]),
+                                generator=torch.Generator().manual_seed(d)).to(device)
+            video = codec.decode(sample(noise, clips["text"].to(device), Cameras(clips["w2c"], clips["K"]).to(device),
+                                        x0[:, :, 0], seed=d)).clamp(-1, 1)
+            draws.append(still_scores(video, clips["first"].to(device)))
+        sc = {k: sum(x[k] for x in draws) / cfg.draws for k in draws[0]}
         segments = [(a, b) for a, b in LONG_SEGMENTS if b <= cfg.frames]
         rows.append(f"| {Path(path).name} | " + " | ".join(
             f"{sc['psnr'][a:b].mean():.1f} / {sc['flicker'][a:b].mean():.1f}" for a, b in segments) + " |")

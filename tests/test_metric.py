@@ -85,6 +85,20 @@ def test_long_rollout_metric_perfect_model_scores_the_truth_frozen_frame_the_sta
     assert table[2].startswith("| perfect | > 40 / 0.000 / 1.00 |")
 
 
+def test_long_report_draws_average_noise_draws_and_draw_0_is_the_one_draw_run(tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    metric.long_report(metric.LongConfig(ckpts="assets/cd", clips=1, frames=8, out=one))
+    metric.long_report(metric.LongConfig(ckpts="assets/cd", clips=1, frames=8, draws=2, out=two))
+    runs = [json.load(open(p + ".json")) for p in (one, two)]
+    draws = runs[1]["per_draw_segments"]["cd"]
+    assert len(draws) == 2 and draws[0] == runs[0]["per_draw_segments"]["cd"][0]  # draw 0 is the one-draw run
+    assert draws[0]["1-7"]["colour"] != draws[1]["1-7"]["colour"]  # the second draw is another noise
+    colour = np.mean(runs[1]["per_frame"]["cd"]["colour"][1:8])
+    assert colour == pytest.approx((draws[0]["1-7"]["colour"] + draws[1]["1-7"]["colour"]) / 2, abs=1e-6)
+    row = [r for r in open(two + ".md").read().splitlines() if r.startswith("| cd |")][0]
+    assert row.split(" | ")[1].split(" / ")[1] == f"{colour:.3f}"
+
+
 def test_still_metric_a_still_world_scores_zero_flicker_a_blinking_one_its_step():
     clips = metric.still_clips(2, 6, 16, 16, 8, 4)
     long = metric.long_clips(2, 6, 16, 16, 8, 4)
