@@ -535,31 +535,37 @@ def streaming_sampler(path, cfg, device):
 
 
 def _check_long(cfg, name):
+    """The checkpoints of cfg.ckpts as {row name: path}: each file's name, or the path as given where two
+    share one (runs name their checkpoints alike: A/dmd, B/dmd); bad settings stop with one line."""
     paths = [p for p in cfg.ckpts.split(",") if p]
     first = LONG_SEGMENTS[0][1]  # the frames the first segment of the table needs
     if (not paths or cfg.frames < first or cfg.clips < 1 or cfg.steps < 1 or cfg.window < 1 or cfg.sink < 0
             or cfg.draws < 1):
         common.die(f"metric.py {name}: give --ckpts=A,B,...; --frames >= {first}, --clips >= 1, --steps >= 1, "
                    "--window >= 1, --sink >= 0, --draws >= 1")
-    return paths
+    names = [Path(p).name for p in paths]
+    names = [os.path.normpath(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
+    if len(set(names)) < len(names):
+        common.die(f"metric.py {name}: a checkpoint is given twice in --ckpts={cfg.ckpts}")
+    return dict(zip(names, paths))
 
 
 def long_report(cfg):
     """Run long_rollout_metric on every checkpoint of cfg.ckpts; write the table, the curves and the numbers."""
     device = common.device_of(cfg.device)
     results, baselines, per_draw = {}, {}, {}
-    for path in _check_long(cfg, "long"):
+    for name, path in _check_long(cfg, "long").items():
         net, trained, sample = streaming_sampler(path, cfg, device)
         clips = long_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len)
         # draw d: the starting noise and the rollout's own noise both from seed d (draw 0 is the one-draw table)
         runs = [long_rollout_metric(functools.partial(sample, seed=d), data.PixelCodec(2), clips, seed=d, device=device)
                 for d in range(cfg.draws)]
         r = {name: {k: sum(run[name][k] for run in runs) / cfg.draws for k in runs[0][name]} for name in runs[0]}
-        per_draw[Path(path).name] = [segment_scores(run["model"]) for run in runs]
+        per_draw[name] = [segment_scores(run["model"]) for run in runs]
         if cfg.draws > 1:
             common.log(f"{path}: colour error by segment, each draw: " + " | ".join(
-                f"{k} " + " ".join(f"{s[k]['colour']:.3f}" for s in per_draw[Path(path).name]) for k in per_draw[Path(path).name][0]))
-        results[Path(path).name], baselines = r["model"], r
+                f"{k} " + " ".join(f"{s[k]['colour']:.3f}" for s in per_draw[name]) for k in per_draw[name][0]))
+        results[name], baselines = r["model"], r
         common.log(f"{path}: " + " | ".join(f"{k} {v['psnr']:.1f} dB {v['colour']:.3f} {v['sharpness']:.2f}"
                                             for k, v in segment_scores(r["model"]).items()))
     results[STATIC_ROW], results[SHOWN_ROW] = baselines["static"], baselines["shown"]
@@ -695,7 +701,7 @@ def still_report(cfg):
     """Each checkpoint of cfg.ckpts streams cfg.frames frames with the camera standing still; a table by
     segment of "PSNR vs frame 0 dB / flicker (1/255)"."""
     device, rows = common.device_of(cfg.device), []
-    for path in _check_long(cfg, "still"):
+    for name, path in _check_long(cfg, "still").items():
         net, trained, sample = streaming_sampler(path, cfg, device)
         clips = still_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len)
         codec = data.PixelCodec(2)
@@ -709,7 +715,7 @@ def still_report(cfg):
             draws.append(still_scores(video, clips["first"].to(device)))
         sc = {k: sum(x[k] for x in draws) / cfg.draws for k in draws[0]}
         segments = [(a, b) for a, b in LONG_SEGMENTS if b <= cfg.frames]
-        rows.append(f"| {Path(path).name} | " + " | ".join(
+        rows.append(f"| {name} | " + " | ".join(
             f"{sc['psnr'][a:b].mean():.1f} / {sc['flicker'][a:b].mean():.1f}" for a, b in segments) + " |")
     table = "\n".join(["| model | " + " | ".join(f"frames {a}-{b - 1}" for a, b in segments) + " |",
                        "| --- |" + " --- |" * len(segments), *rows])

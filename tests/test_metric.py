@@ -99,6 +99,20 @@ def test_long_report_draws_average_noise_draws_and_draw_0_is_the_one_draw_run(tm
     assert row.split(" | ")[1].split(" / ")[1] == f"{colour:.3f}"
 
 
+def test_long_report_two_runs_checkpoints_of_one_name_get_a_row_each(tmp_path):
+    import shutil
+    for run in ("a", "b"):  # two runs' checkpoints named alike, as every run names its own
+        (tmp_path / run).mkdir()
+        for ext in (".json", ".safetensors"):
+            shutil.copy("assets/cd" + ext, tmp_path / run / ("dmd" + ext))
+    out, a, b = str(tmp_path / "long"), str(tmp_path / "a" / "dmd"), str(tmp_path / "b" / "dmd")
+    metric.long_report(metric.LongConfig(ckpts=f"{a},{b},assets/ode", clips=1, frames=8, out=out))
+    rows = [r.split(" | ")[0][2:] for r in open(out + ".md").read().splitlines()[2:]]
+    assert rows[:3] == [a, b, "ode"]  # (was one row "dmd", the second run's, the first silently dropped)
+    table = open(out + ".md").read().splitlines()
+    assert table[2].split(" | ")[1:] == table[3].split(" | ")[1:]  # the same weights score the same
+
+
 def test_still_metric_a_still_world_scores_zero_flicker_a_blinking_one_its_step():
     clips = metric.still_clips(2, 6, 16, 16, 8, 4)
     long = metric.long_clips(2, 6, 16, 16, 8, 4)
