@@ -509,7 +509,7 @@ class LongConfig:
     window: int = M.STREAM_WINDOW
     steps: int = 25  # Euler steps per chunk for a Stage 1 ("ar") checkpoint; the others use their few steps
     context_sigma: float = -1.0  # the noise on generated context in the cache: -1 = each model's own (its config)
-    draws: int = 1  # noise draws per path, averaged: one draw of 32 paths moves a segment's colour error by ~0.003
+    draws: int = 1  # noise draws per path, averaged: one draw of 32 paths moves a segment's colour error by up to 0.005
     out: str = "out/long_rollout"  # writes OUT.png (curves), OUT.md (table by segment), OUT.json (per frame)
     device: str = ""
 
@@ -560,7 +560,7 @@ def long_report(cfg):
         # draw d: the starting noise and the rollout's own noise both from seed d (draw 0 is the one-draw table)
         runs = [long_rollout_metric(functools.partial(sample, seed=d), data.PixelCodec(2), clips, seed=d, device=device)
                 for d in range(cfg.draws)]
-        r = {name: {k: sum(run[name][k] for run in runs) / cfg.draws for k in runs[0][name]} for name in runs[0]}
+        r = {row: {k: sum(run[row][k] for run in runs) / cfg.draws for k in runs[0][row]} for row in runs[0]}
         per_draw[name] = [segment_scores(run["model"]) for run in runs]
         if cfg.draws > 1:
             common.log(f"{path}: colour error by segment, each draw: " + " | ".join(
