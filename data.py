@@ -138,12 +138,16 @@ class WanVAECodec:
         if (video.shape[2] - 1) % self.temporal:
             raise ValueError(f"video: Wan's VAE needs 4k+1 frames, got {video.shape[2]}")
         mu = self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode().float()
-        return (mu - self.mean) / self.std
+        return (mu - self.mean.to(mu.device)) / self.std.to(mu.device)
 
     @torch.no_grad()
     def decode(self, latents):
-        z = latents.float() * self.std + self.mean
+        z = self.denormalize(latents)
         return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
+
+    def denormalize(self, latents):
+        """Normalized latents -> the VAE's own latent scale, on the latents' device (the constants are CPU tensors)."""
+        return latents.float() * self.std.to(latents.device) + self.mean.to(latents.device)
 
     def stream(self):
         """A decoder for latents that arrive chunk by chunk (streaming): see WanStreamDecoder."""
@@ -167,7 +171,7 @@ class WanStreamDecoder:
     @torch.no_grad()
     def decode(self, latents):
         """latents (B, C, f, h, w), the next f latent frames -> video (B, 3, T, H, W) in [-1, 1]."""
-        z = latents.float() * self.codec.std + self.codec.mean
+        z = self.codec.denormalize(latents)
         x = self.vae.post_quant_conv(z.to(self.vae.dtype))
         out = []
         for i in range(x.shape[2]):

@@ -99,6 +99,18 @@ def test_wan_vae_codec():
     assert torch.equal(plain.mean.flatten(), torch.zeros(4)) and torch.equal(plain.std.flatten(), torch.ones(4))
 
 
+
+def test_wan_vae_normalization_follows_the_latents_device():
+    """The mean/std constants live on the CPU; latents on a GPU must be (de)normalized there (bench.py on an H200
+    crashed in the streaming decode: "found at least two devices"). The meta device stands in for the GPU."""
+    mean, std = [0.1, -0.2, 0.3, 0.4], [1.5, 2.0, 0.5, 3.0]
+    codec = data.WanVAECodec(tiny_vae(latents_mean=mean, latents_std=std))
+    z = torch.randn(1, 4, 2, 3, 3)
+    on_meta = codec.denormalize(z.to("meta"))
+    assert on_meta.device.type == "meta" and on_meta.shape == z.shape
+    expected = z * torch.tensor(std).view(1, 4, 1, 1, 1) + torch.tensor(mean).view(1, 4, 1, 1, 1)
+    assert torch.allclose(codec.denormalize(z), expected, atol=1e-6)
+
 # ---------------------------------------------------------------------------------------------
 # real data: prepare -> LatentDataset
 
