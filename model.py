@@ -543,8 +543,12 @@ class DiT(nn.Module):
 
 # the few-step sampler's timesteps (Self-Forcing / Causal Forcing lineage), warped through the shift
 FEW_STEP_TIMESTEPS = (1000, 750, 500, 250)
-# the streaming cache of infer.py and the long-rollout metric: latent frames kept as sink and as the recent window
-STREAM_SINK, STREAM_WINDOW = 1, 8
+# the streaming cache of infer.py and the long-rollout metric: latent frames kept as sink and as the recent window.
+# The sink is the whole first chunk (frame 0 and the first generated frame): with it a long rollout of the shipped
+# dmd keeps its colours better than with frame 0 alone (README, Long rollouts), although the chain trained with
+# TRAIN_SINK
+STREAM_SINK, STREAM_WINDOW = 2, 8
+TRAIN_SINK = 1  # Stage 1's teacher forcing and Stage 3's self-rollouts keep frame 0 alone (the shipped chain's recipe)
 
 
 def shift_sigma(sigma, shift):
@@ -636,7 +640,8 @@ def commit(model, cache, x0, start, context, cameras=None, cond=None, generator=
     """Run the finished chunk x0 (B, C, f, h, w) once more with commit=True: its K/V become context.
 
     A model trained with noisy context (cfg.context_sigma > 0) gets it noised to that sigma, t = 1000 sigma,
-    as it saw its context in training; the sink frames (frame 0: the given image) stay clean."""
+    as it saw its context in training; the sink frames stay clean (frame 0, the given image, and with the
+    streaming sink of 2 the first generated frame: kept for the whole rollout, it is kept sharp)."""
     B, f = x0.shape[0], x0.shape[2]
     level, t = getattr(model.cfg, "context_sigma", 0.0), timestep(0.0, B, x0.device)
     if level > 0:

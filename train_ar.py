@@ -49,7 +49,7 @@ class Config(common.StageConfig):
     # later stage and for inference, and the attention of teacher forcing limited as the rollout's cache
     context_noise: float = 0.8  # teacher forcing: context chunks noised to sigma ~ U(0, this), t = 1000 sigma
     context_sigma: float = 0.7  # rollout: generated chunks enter the KV cache noised to this sigma
-    tf_sink: int = M.STREAM_SINK  # teacher forcing sees only the first tf_sink frames and the tf_window
+    tf_sink: int = M.TRAIN_SINK  # teacher forcing sees only the first tf_sink frames and the tf_window
     tf_window: int = M.STREAM_WINDOW  # frames before each chunk, as the rollout's cache (0: all frames)
 
 

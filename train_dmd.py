@@ -65,7 +65,7 @@ class Config(common.StageConfig):
     #                            data-free, as Self-Forcing++; it let colours drift, README Long rollouts)
     context_sigma: float = -1.0  # the noise each rolled-out chunk enters the cache with (model.commit); it goes
     #                              into the student's model config, so infer.py commits the same: -1 = the student's
-    sink: int = M.STREAM_SINK  # the student's cache while rolling out, as at inference
+    sink: int = M.TRAIN_SINK  # the student's cache while rolling out (inference keeps M.STREAM_SINK)
     window: int = M.STREAM_WINDOW
     log_every: int = 1  # a step takes seconds: log every one
     eval_every: int = 100
