@@ -57,7 +57,7 @@ class StreamConfig:
     seed: int = 0
     device: str = ""
     dtype: str = ""  # fp32 | bf16; "" = bf16 on CUDA (the weights cast once), fp32 on the CPU
-    compile: bool = False  # torch.compile the DiT: on a GPU a tiny model is bound by kernel launches, which it fuses
+    compile: bool = False  # torch.compile the DiT (minutes of compiling first): a tiny model is bound by launches
     threads: int = 0  # torch CPU threads; 0 = 1 for a small model (a second thread buys it nothing, and
     #                   on a busy machine two threads can be many times slower), torch's default otherwise
     model_config: str = ""  # for a --ckpt that carries no config: a checkpoint's JSON or ModelConfig fields
@@ -181,7 +181,9 @@ def load_model(cfg, device):
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     net = common.or_die(M.load_pretrained, ckpt, model_config=cfg.model_config or None).to(device, dtype).eval()
     if cfg.compile:
-        net.compile(dynamic=False)  # one graph per cache length: a handful, until the window is full
+        net.compile(dynamic=None)  # automatic dynamic shapes: the cache length and frame offset of each chunk become
+        #                            symbols after their first change (dynamic=False recompiled for every offset until
+        #                            torch gave up and ran eager: slower than no compile)
     mc = net.cfg
     if cfg.window < mc.chunk:
         common.die(f"--window={cfg.window} is shorter than a chunk ({mc.chunk} latent frames): "
