@@ -641,7 +641,8 @@ def commit(model, cache, x0, start, context, cameras=None, cond=None, generator=
 
     A model trained with noisy context (cfg.context_sigma > 0) gets it noised to that sigma, t = 1000 sigma,
     as it saw its context in training; the sink frames stay clean (frame 0, the given image, and with the
-    streaming sink of 2 the first generated frame: kept for the whole rollout, it is kept sharp)."""
+    streaming sink of 2 the first generated frame: clean, it kept a long rollout's colours better than at
+    context_sigma; README, Long rollouts)."""
     B, f = x0.shape[0], x0.shape[2]
     level, t = getattr(model.cfg, "context_sigma", 0.0), timestep(0.0, B, x0.device)
     if level > 0:
