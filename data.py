@@ -138,15 +138,19 @@ class WanVAECodec:
         if (video.shape[2] - 1) % self.temporal:
             raise ValueError(f"video: Wan's VAE needs 4k+1 frames, got {video.shape[2]}")
         mu = self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode().float()
-        return (mu - self.mean.to(mu.device)) / self.std.to(mu.device)
+        return self.normalize(mu)
 
     @torch.no_grad()
     def decode(self, latents):
         z = self.denormalize(latents)
         return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
 
+    def normalize(self, mu):
+        """The VAE's latents -> normalized ones, on their device (the constants are CPU tensors)."""
+        return (mu - self.mean.to(mu.device)) / self.std.to(mu.device)
+
     def denormalize(self, latents):
-        """Normalized latents -> the VAE's own latent scale, on the latents' device (the constants are CPU tensors)."""
+        """Normalized latents -> the VAE's own latent scale (the inverse of normalize), on their device."""
         return latents.float() * self.std.to(latents.device) + self.mean.to(latents.device)
 
     def stream(self):

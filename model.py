@@ -544,9 +544,9 @@ class DiT(nn.Module):
 # the few-step sampler's timesteps (Self-Forcing / Causal Forcing lineage), warped through the shift
 FEW_STEP_TIMESTEPS = (1000, 750, 500, 250)
 # the streaming cache of infer.py and the long-rollout metric: latent frames kept as sink and as the recent window.
-# The sink is the whole first chunk (frame 0 and the first generated frame): with it a long rollout of the shipped
-# dmd keeps its colours better than with frame 0 alone (README, Long rollouts), although the chain trained with
-# TRAIN_SINK
+# A sink of 2 keeps frame 0 and the first generated frame (the tiny model's whole first chunk): with it a long
+# rollout of the shipped dmd keeps its colours better than with frame 0 alone (README, Long rollouts), although
+# the chain trained with TRAIN_SINK
 STREAM_SINK, STREAM_WINDOW = 2, 8
 TRAIN_SINK = 1  # Stage 1's teacher forcing and Stage 3's self-rollouts keep frame 0 alone (the shipped chain's recipe)
 
