@@ -614,7 +614,7 @@ class MMDiT(nn.Module):
         out = out.view(B, f, h, w, C, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return out.reshape(B, C, F_, H, W).to(x.dtype)  # the samplers keep latents in x's dtype (fp32)
 
-    def new_cache(self, batch, height, width, sink=1, window=64, device=None, dtype=None):
+    def new_cache(self, batch, height, width, sink=M.TRAIN_SINK, window=64, device=None, dtype=None):
         """A KV cache for latents of (height, width); sink + window in latent frames; dtype: the model's."""
         dtype = dtype or self.img_in.proj.weight.dtype
         tpf = (height // self.cfg.patch_size[1]) * (width // self.cfg.patch_size[2])

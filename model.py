@@ -234,6 +234,14 @@ def teacher_forcing_block_mask(frames, chunk, tokens_per_frame, device, sink=0, 
     return create_block_mask(mask_mod, None, None, n, n, device=device)
 
 
+# the streaming cache of infer.py and the long-rollout metric: latent frames kept as sink and as the recent window.
+# A sink of 2 keeps frame 0 and the first generated frame (the tiny model's whole first chunk): with it a long
+# rollout of the shipped dmd keeps its colours better than with frame 0 alone (README, Long rollouts), although
+# the chain trained with TRAIN_SINK
+STREAM_SINK, STREAM_WINDOW = 2, 8
+TRAIN_SINK = 1  # Stage 1's teacher forcing and Stage 3's self-rollouts keep frame 0 alone (the shipped chain's recipe)
+
+
 class KVCache:
     """Per-layer preallocated keys/values for a chunk-by-chunk rollout (attention mode 3, the rollout).
 
@@ -248,7 +256,8 @@ class KVCache:
     attended to them (`advance`). Memory stays flat however long the rollout; no host-device sync.
     """
 
-    def __init__(self, cfg, batch, tokens_per_frame, sink=1, window=64, chunk=None, device=None, dtype=torch.float32):
+    def __init__(self, cfg, batch, tokens_per_frame, sink=TRAIN_SINK, window=64, chunk=None, device=None,
+                 dtype=torch.float32):
         self.tpf, self.sink, self.window, self.chunk = tokens_per_frame, sink, window, chunk or cfg.chunk
         self.slots = sink + window + self.chunk  # in frames
         n, heads = self.layout(cfg)
@@ -529,7 +538,7 @@ class DiT(nn.Module):
             cache.text = [(context, layer_kv) for layer_kv in kv]
         return kv
 
-    def new_cache(self, batch, height, width, sink=1, window=64, device=None, dtype=None):
+    def new_cache(self, batch, height, width, sink=TRAIN_SINK, window=64, device=None, dtype=None):
         """A KV cache for latents of (height, width); sink + window in latent frames; dtype: the model's."""
         dtype = dtype or self.patch_embedding.weight.dtype
         tpf = (height // self.cfg.patch_size[1]) * (width // self.cfg.patch_size[2])
@@ -543,12 +552,6 @@ class DiT(nn.Module):
 
 # the few-step sampler's timesteps (Self-Forcing / Causal Forcing lineage), warped through the shift
 FEW_STEP_TIMESTEPS = (1000, 750, 500, 250)
-# the streaming cache of infer.py and the long-rollout metric: latent frames kept as sink and as the recent window.
-# A sink of 2 keeps frame 0 and the first generated frame (the tiny model's whole first chunk): with it a long
-# rollout of the shipped dmd keeps its colours better than with frame 0 alone (README, Long rollouts), although
-# the chain trained with TRAIN_SINK
-STREAM_SINK, STREAM_WINDOW = 2, 8
-TRAIN_SINK = 1  # Stage 1's teacher forcing and Stage 3's self-rollouts keep frame 0 alone (the shipped chain's recipe)
 
 
 def shift_sigma(sigma, shift):
@@ -665,8 +668,8 @@ def noisy_context(x0, u, noise, cfg, chunk):
 
 
 @torch.no_grad()
-def sample_ar(model, noise, context, cameras=None, cond=None, sigmas=None, renoise=False, sink=1, window=64,
-              generator=None):
+def sample_ar(model, noise, context, cameras=None, cond=None, sigmas=None, renoise=False, sink=TRAIN_SINK,
+              window=64, generator=None):
     """Chunk-by-chunk AR rollout of a whole clip through a fresh KV cache (the control metric, DMD)."""
     B, C, F_, H, W = noise.shape
     chunk = model.cfg.chunk

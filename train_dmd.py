@@ -76,7 +76,7 @@ class Config(common.StageConfig):
 QUICK = {**common.QUICK, "max_steps": 3, "critic_steps": 2, "eval_every": 3, "save_every": 2, "rollout_frames": 8}
 
 
-def self_rollout(student, noise, text, cams, first, sigmas, exit_step, generator=None, grad_from=0, sink=1,
+def self_rollout(student, noise, text, cams, first, sigmas, exit_step, generator=None, grad_from=0, sink=M.TRAIN_SINK,
                  window=None):
     """The student generates the clip chunk by chunk; gradient only through each chunk's exit step.
 
