@@ -157,6 +157,15 @@ def layer_norm(x, eps, weight=None, bias=None):
                         None if bias is None else bias.float(), eps).to(x.dtype)
 
 
+class RMSNorm(nn.RMSNorm):
+    """Wan's q/k RMSNorm (the weights' names and values are nn.RMSNorm's). The weight is cast to the input's dtype:
+    under bf16 autocast (training on a GPU) the input is bf16 and the master weight fp32, and torch's fused kernel
+    refuses mixed dtypes ("cannot dispatch to fused implementation") and runs an unfused fallback."""
+
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def modulate(x, shift, scale, frames):
     """x (B, N, D) with N = frames * tokens; shift/scale (B, Ft, D) with Ft = 1 or frames, in fp32.
     Computed in fp32 (as Wan does), returned in x's dtype for the next (maybe bf16) linear layer."""
@@ -320,7 +329,7 @@ class SelfAttention(nn.Module):
         self.cfg = cfg
         d = cfg.dim
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.norm_q, self.norm_k = nn.RMSNorm(d, eps=cfg.eps), nn.RMSNorm(d, eps=cfg.eps)  # across heads
+        self.norm_q, self.norm_k = RMSNorm(d, eps=cfg.eps), RMSNorm(d, eps=cfg.eps)  # across heads
         if cfg.prope == "branch":
             self.prope_proj = nn.Linear(d, d)
             nn.init.zeros_(self.prope_proj.weight)  # at step 0 the fine-tuned model == the base model
@@ -371,7 +380,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         d, self.H = cfg.dim, cfg.num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.norm_q, self.norm_k = nn.RMSNorm(d, eps=cfg.eps), nn.RMSNorm(d, eps=cfg.eps)
+        self.norm_q, self.norm_k = RMSNorm(d, eps=cfg.eps), RMSNorm(d, eps=cfg.eps)
 
     def text_kv(self, context):
         """context (B, L, dim) -> k, v (B, H, L, head_dim): the same for every chunk and step of a rollout."""

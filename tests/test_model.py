@@ -430,3 +430,27 @@ def test_noisy_context_levels():
     sigma = (t / 1000)[:, None, :, None, None]
     assert torch.allclose(ctx, (1 - sigma) * x0 + sigma * noise)
     assert M.noisy_context(x0, u, noise, M.make_config("tiny"), 2) == (x0, None)  # a clean-context model
+
+
+def test_qk_norms_take_the_inputs_dtype_under_autocast():
+    """Under bf16 autocast (training on a GPU) the q/k RMSNorms see bf16 inputs and fp32 master weights: torch's
+    fused kernel refuses mixed dtypes and falls back, warning, to an unfused one - so the norm casts its weight,
+    and the gradient still reaches the fp32 weight."""
+    from torch.overrides import TorchFunctionMode
+    calls = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in (torch.nn.functional.rms_norm, torch.rms_norm):
+                calls.append((args[0].dtype, (args[2] if len(args) > 2 else kwargs["weight"]).dtype))
+            return func(*args, **kwargs)
+
+    net = tiny("inline").train()
+    x, t, ctx, cams = inputs(B=1, F=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), Spy():
+        net(x, t, ctx, cams).float().square().mean().backward()
+    assert len(calls) >= 3 * len(net.blocks)  # self-attention q, k and cross-attention q, k (each maybe twice)
+    assert set(calls) == {(torch.bfloat16, torch.bfloat16)}
+    w = net.blocks[0].self_attn.norm_q.weight
+    assert w.dtype == torch.float32 and w.grad is not None and w.grad.abs().sum() > 0
