@@ -226,6 +226,13 @@ LONG_SEGMENTS = ((1, 8), (8, 16), (16, 32), (32, 64), (64, 128), (128, 256), (25
 STATIC_ROW = "static copy of frame 0"  # the long-rollout baselines: what holding frame 0 scores,
 REDRAWN_ROW = "re-drawn world (a perfect model)"  # and what the truth scores with the unseen re-drawn,
 SHOWN_ROW = "frame 0's objects only (invents nothing)"  # or left out (a perfect model that invents nothing)
+LONG_PNG_CLIPS = 3  # held-out paths in `metric.py long`'s picture of frames (OUT_frames.png)
+
+
+def long_picks(frames):
+    """The frames the long-rollout picture shows: 0, 8, 16, 32, 64, then every 64th, and the last."""
+    picks = [f for f in (0, 8, 16, 32, 64, *range(128, frames, 64)) if f < frames]
+    return picks + [frames - 1] if picks[-1] != frames - 1 else picks
 EXACT_DB = 40  # a segment's mean PSNR above this is shown as "> 40": frames equal to the truth have none finite
 
 
@@ -270,12 +277,12 @@ def segment_scores(scores):
 
 
 @torch.no_grad()
-def long_rollout_metric(sample, codec, clips, batch=8, seed=0, device="cpu"):
+def long_rollout_metric(sample, codec, clips, batch=8, seed=0, device="cpu", keep=0):
     """Frame-by-frame scores of a long rollout against the exact rendering, and of a static copy of frame 0.
 
     sample(noise, text, cameras, first) -> latents (B, C, F, h, w) (the model's streaming sampler).
     Returns {"model", "static", "redrawn" and "shown" (where clips has them)}: frame_scores each, averaged
-    over the clips."""
+    over the clips; with keep > 0 also "video": the first `keep` (<= batch) rollouts (keep, 3, F, H, W) in [-1, 1]."""
     generator = torch.Generator().manual_seed(seed)
     baselines = [k for k in ("redrawn", "shown") if k in clips]  # renderings of the same paths (long_clips)
     parts = {"model": [], "static": [], **{k: [] for k in baselines}}
@@ -287,13 +294,14 @@ def long_rollout_metric(sample, codec, clips, batch=8, seed=0, device="cpu"):
         noise = torch.randn(shape, generator=generator).to(device)
         video = codec.decode(sample(noise, clips["text"][sl].to(device), Cameras(clips["w2c"][sl], clips["K"][sl]).to(device),
                                     x0[:, :, 0])).clamp(-1, 1)
-        n = truth.shape[0]
+        n, kept = truth.shape[0], video[:keep].cpu() if i == 0 else kept
         parts["model"].append({k: v * n for k, v in frame_scores(video, truth).items()})
         parts["static"].append({k: v * n for k, v in frame_scores(truth[:, :, :1].expand_as(truth), truth).items()})
         for b in baselines:
             parts[b].append({k: v * n for k, v in frame_scores(clips[b][sl].to(device), truth).items()})
     total = clips["video"].shape[0]
-    return {name: {k: sum(p[k] for p in ps) / total for k in ps[0]} for name, ps in parts.items()}
+    out = {name: {k: sum(p[k] for p in ps) / total for k in ps[0]} for name, ps in parts.items()}
+    return {**out, "video": kept} if keep else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,7 +518,8 @@ class LongConfig:
     steps: int = 25  # Euler steps per chunk for a Stage 1 ("ar") checkpoint; the others use their few steps
     context_sigma: float = -1.0  # the noise on generated context in the cache: -1 = each model's own (its config)
     draws: int = 1  # noise draws per path, averaged: one draw of 32 paths moves a segment's colour error by up to 0.005
-    out: str = "out/long_rollout"  # writes OUT.png (curves), OUT.md (table by segment), OUT.json (per frame)
+    out: str = "out/long_rollout"  # writes OUT.png (curves), OUT.md (table by segment), OUT.json (per frame),
+    #                                OUT_frames.png (the first paths: truth and each model at frames long_picks)
     device: str = ""
 
 
@@ -553,13 +562,14 @@ def _check_long(cfg, name):
 def long_report(cfg):
     """Run long_rollout_metric on every checkpoint of cfg.ckpts; write the table, the curves and the numbers."""
     device = common.device_of(cfg.device)
-    results, baselines, per_draw = {}, {}, {}
+    results, baselines, per_draw, videos = {}, {}, {}, []
     for name, path in _check_long(cfg, "long").items():
         net, trained, sample = streaming_sampler(path, cfg, device)
         clips = long_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len)
         # draw d: the starting noise and the rollout's own noise both from seed d (draw 0 is the one-draw table)
-        runs = [long_rollout_metric(functools.partial(sample, seed=d), data.PixelCodec(2), clips, seed=d, device=device)
-                for d in range(cfg.draws)]
+        runs = [long_rollout_metric(functools.partial(sample, seed=d), data.PixelCodec(2), clips, seed=d, device=device,
+                                    keep=0 if d else LONG_PNG_CLIPS) for d in range(cfg.draws)]
+        videos.append((name, runs[0].pop("video")))  # draw 0's first paths, for the picture
         r = {row: {k: sum(run[row][k] for run in runs) / cfg.draws for k in runs[0][row]} for row in runs[0]}
         per_draw[name] = [segment_scores(run["model"]) for run in runs]
         if cfg.draws > 1:
@@ -577,6 +587,10 @@ def long_report(cfg):
     common.atomic_write(cfg.out + ".json", lambda p: Path(p).write_text(json.dumps(
         dict(settings=dataclasses.asdict(cfg), per_frame=per_frame, per_draw_segments=per_draw))))
     plot_long(results, cfg.out + ".png")
+    picks = [0] + long_picks(cfg.frames)  # frames_png leaves out the first column (a clip's given frame 0)
+    rows = [("truth", clips["video"][:LONG_PNG_CLIPS])] + videos
+    common.atomic_write(cfg.out + "_frames.png", lambda p: frames_png(p, [(n, v[:, :, picks]) for n, v in rows],
+                                                                     min(cfg.clips, LONG_PNG_CLIPS), scale=3))
     print(table)
 
 

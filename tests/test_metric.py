@@ -97,6 +97,15 @@ def test_long_report_draws_average_noise_draws_and_draw_0_is_the_one_draw_run(tm
     assert colour == pytest.approx((draws[0]["1-7"]["colour"] + draws[1]["1-7"]["colour"]) / 2, abs=1e-6)
     row = [r for r in open(two + ".md").read().splitlines() if r.startswith("| cd |")][0]
     assert row.split(" | ")[1].split(" / ")[1] == f"{colour:.3f}"
+    from PIL import Image  # the picture: truth, then the model, at frames long_picks(8) = 0 and 7
+    assert metric.long_picks(8) == [0, 7] and metric.long_picks(512)[4:7] == [64, 128, 192]
+    assert metric.long_picks(512)[-2:] == [448, 511] and len(metric.long_picks(512)) == 12
+    png = np.asarray(Image.open(one + "_frames.png").convert("RGB")).astype(int)
+    assert png.shape == (2 * 96, 60 + 2 * 96, 3)  # 1 path x (truth, cd) rows of 32 px x 3; 2 frames after the names
+    truth = metric.long_clips(1, 8, 32, 32, 64, 16)["video"][0]  # (3, F, H, W)
+    frame7 = ((truth[:, 7] + 1) * 127.5).round().clamp(0, 255).permute(1, 2, 0).numpy().astype(int)
+    assert np.array_equal(png[:96:3, 60 + 96::3], frame7)  # the truth's row, second column: frame 7
+    assert not np.array_equal(png[96::3, 60 + 96::3], frame7)  # the model's row is its own rollout
 
 
 def test_long_report_two_runs_checkpoints_of_one_name_get_a_row_each(tmp_path):
