@@ -226,6 +226,7 @@ LONG_SEGMENTS = ((1, 8), (8, 16), (16, 32), (32, 64), (64, 128), (128, 256), (25
 STATIC_ROW = "static copy of frame 0"  # the long-rollout baselines: what holding frame 0 scores,
 REDRAWN_ROW = "re-drawn world (a perfect model)"  # and what the truth scores with the unseen re-drawn,
 SHOWN_ROW = "frame 0's objects only (invents nothing)"  # or left out (a perfect model that invents nothing)
+EXACT_DB = 40  # a segment's mean PSNR above this is shown as "> 40": frames equal to the truth have none finite
 LONG_PNG_CLIPS = 3  # held-out paths in `metric.py long`'s picture of frames (OUT_frames.png)
 
 
@@ -233,7 +234,6 @@ def long_picks(frames):
     """The frames the long-rollout picture shows: 0, 8, 16, 32, 64, then every 64th, and the last."""
     picks = [f for f in (0, 8, 16, 32, 64, *range(128, frames, 64)) if f < frames]
     return picks + [frames - 1] if picks[-1] != frames - 1 else picks
-EXACT_DB = 40  # a segment's mean PSNR above this is shown as "> 40": frames equal to the truth have none finite
 
 
 def long_clips(n, frames, height, width, text_dim, text_len, seed=0):
@@ -294,7 +294,9 @@ def long_rollout_metric(sample, codec, clips, batch=8, seed=0, device="cpu", kee
         noise = torch.randn(shape, generator=generator).to(device)
         video = codec.decode(sample(noise, clips["text"][sl].to(device), Cameras(clips["w2c"][sl], clips["K"][sl]).to(device),
                                     x0[:, :, 0])).clamp(-1, 1)
-        n, kept = truth.shape[0], video[:keep].cpu() if i == 0 else kept
+        if i == 0:
+            kept = video[:keep].cpu()  # the first paths' rollouts (keep <= batch), for a picture
+        n = truth.shape[0]
         parts["model"].append({k: v * n for k, v in frame_scores(video, truth).items()})
         parts["static"].append({k: v * n for k, v in frame_scores(truth[:, :, :1].expand_as(truth), truth).items()})
         for b in baselines:
