@@ -13,9 +13,9 @@
 #   bash pipeline.sh --preset=tiny-mmdit --out_dir=out_mmdit    the same chain on another model preset
 #                                    (Phase 1 builds it; every later stage reads it from the checkpoint)
 # Outputs go to --out_dir (default out/, out_quick/ with --quick); the results table to OUT/results.md,
-# the long-rollout table and curves to OUT/long_rollout.{md,png}, the total run time to OUT/time.txt: each
-# invocation (a killed one too) appends its wall time to OUT/time.log, so a chain finished by --resume
-# reports the sum over its invocations.
+# the long-rollout table, curves and frames to OUT/long_rollout{.md,.png,_frames.png}, the total run time to
+# OUT/time.txt: each invocation (a killed one too) appends its wall time to OUT/time.log, so a chain finished
+# by --resume reports the sum over its invocations.
 set -euo pipefail
 cd "$(dirname "$0")"
 QUICK="" OUT="" FROM=bidir STAGE2=(ode cd) DMD_FROM=cd SHIP="" AGAIN="" PRESET=() BIDIR=""
