@@ -236,13 +236,13 @@ def long_picks(frames):
     return picks + [frames - 1] if picks[-1] != frames - 1 else picks
 
 
-def long_clips(n, frames, height, width, text_dim, text_len, seed=0):
-    """n long held-out clips (world.long_heldout_path): the true video (n, 3, F, H, W), cameras, text, and
-    "redrawn" (n, 3, F, H, W): the same path through the scene with what frame 0 and the caption leave open
+def long_clips(n, frames, height, width, text_dim, text_len, seed=0, first=0):
+    """n long held-out clips (world.long_heldout_path first .. first + n - 1): the true video (n, 3, F, H, W),
+    cameras, text, and "redrawn" (n, 3, F, H, W): the same path through the scene with what frame 0 and the caption leave open
     drawn again (world.redraw_unseen): what a perfect world model, which cannot know it, would show; and
     "shown" (n, 3, F, H, W): the same with it left out: a perfect model that invents nothing."""
     out = {"video": [], "w2c": [], "K": [], "text": [], "redrawn": [], "shown": []}
-    for i in range(n):
+    for i in range(first, first + n):
         scene_seed, _, cams = world.long_heldout_path(i, frames, seed, width, height)
         out["video"].append(world.render_world(scene_seed, cams, height, width))
         out["redrawn"].append(world.render_world(scene_seed, cams, height, width,
@@ -515,6 +515,8 @@ class LongConfig:
     ckpts: str = "assets/ar,assets/ode,assets/cd,assets/dmd"  # comma-separated checkpoints
     frames: int = 512  # latent frames per rollout
     clips: int = 8  # long held-out scenes x paths
+    first_clip: int = 0  # score paths first_clip .. first_clip + clips - 1 (0-31 chose the streaming defaults;
+    #                      from 32 on, paths that chose nothing)
     sink: int = M.STREAM_SINK  # the streaming cache, as infer.py's defaults
     window: int = M.STREAM_WINDOW
     steps: int = 25  # Euler steps per chunk for a Stage 1 ("ar") checkpoint; the others use their few steps
@@ -550,10 +552,10 @@ def _check_long(cfg, name):
     share one (runs name their checkpoints alike: A/dmd, B/dmd); bad settings stop with one line."""
     paths = [p for p in cfg.ckpts.split(",") if p]
     first = LONG_SEGMENTS[0][1]  # the frames the first segment of the table needs
-    if (not paths or cfg.frames < first or cfg.clips < 1 or cfg.steps < 1 or cfg.window < 1 or cfg.sink < 0
-            or cfg.draws < 1):
-        common.die(f"metric.py {name}: give --ckpts=A,B,...; --frames >= {first}, --clips >= 1, --steps >= 1, "
-                   "--window >= 1, --sink >= 0, --draws >= 1")
+    if (not paths or cfg.frames < first or cfg.clips < 1 or cfg.first_clip < 0 or cfg.steps < 1 or cfg.window < 1
+            or cfg.sink < 0 or cfg.draws < 1):
+        common.die(f"metric.py {name}: give --ckpts=A,B,...; --frames >= {first}, --clips >= 1, --first_clip >= 0, "
+                   "--steps >= 1, --window >= 1, --sink >= 0, --draws >= 1")
     names = [Path(p).name for p in paths]
     names = [os.path.normpath(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
     if len(set(names)) < len(names):
@@ -567,7 +569,8 @@ def long_report(cfg):
     results, baselines, per_draw, videos = {}, {}, {}, []
     for name, path in _check_long(cfg, "long").items():
         net, trained, sample = streaming_sampler(path, cfg, device)
-        clips = long_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len)
+        clips = long_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len,
+                           first=cfg.first_clip)
         # draw d: the starting noise and the rollout's own noise both from seed d (draw 0 is the one-draw table)
         runs = [long_rollout_metric(functools.partial(sample, seed=d), data.PixelCodec(2), clips, seed=d, device=device,
                                     keep=0 if d else LONG_PNG_CLIPS) for d in range(cfg.draws)]
@@ -689,12 +692,12 @@ class StillConfig(LongConfig):
     out: str = ""  # OUT.md: the table, if given
 
 
-def still_clips(n, frames, height, width, text_dim, text_len):
-    """The long held-out scenes (world.long_heldout_path's) seen from their start pose for `frames` frames:
-    "first" (n, 3, H, W) the true frame 0, which every true frame equals; cameras and text as long_clips."""
+def still_clips(n, frames, height, width, text_dim, text_len, first=0):
+    """The long held-out scenes first .. first + n - 1 (world.long_heldout_path's) seen from their start pose for
+    `frames` frames: "first" (n, 3, H, W) the true frame 0, which every true frame equals; cameras and text as long_clips."""
     cams = load_cameras(f"x*{frames - 1}")  # (1, F): "x" stands still
     out = {"first": [], "text": []}
-    for i in range(n):
+    for i in range(first, first + n):
         scene_seed = world.long_heldout_path(i, 2)[0]
         out["first"].append(world.render_world(scene_seed, Cameras(cams.w2c[:, :1], cams.K[:, :1]), height, width)[:, 0])
         out["text"].append(world.text_embedding(world.caption(scene_seed), text_dim, text_len))
@@ -719,7 +722,8 @@ def still_report(cfg):
     device, rows = common.device_of(cfg.device), []
     for name, path in _check_long(cfg, "still").items():
         net, trained, sample = streaming_sampler(path, cfg, device)
-        clips = still_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len)
+        clips = still_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len,
+                            first=cfg.first_clip)
         codec = data.PixelCodec(2)
         x0 = codec.encode(clips["first"][:, :, None].to(device))  # (B, C, 1, h, w)
         draws = []

@@ -155,6 +155,7 @@ CASES = [
     (["metric.py", "long", "--ckpts=", "--out={d}/out/l"], "give --ckpts"),
     (["metric.py", "still", "--frames=4", "--ckpts={d}/dmd"], "--frames >= 8"),
     (["metric.py", "long", "--draws=0", "--ckpts={d}/dmd", "--out={d}/out/l"], "--draws >= 1"),
+    (["metric.py", "long", "--first_clip=-1", "--ckpts={d}/dmd", "--out={d}/out/l"], "--first_clip >= 0"),
     (["metric.py", "long", "--ckpts={d}/dmd,{d}/dmd", "--out={d}/out/l"], "given twice"),
     (["metric.py", "still", "--ckpts={d}/missing"], "no such file"),
     (["train_dmd.py", "--quick", "--warmup=5", "--out_dir={d}/t"], "--warmup does not apply to train_dmd.py"),

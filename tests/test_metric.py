@@ -126,6 +126,11 @@ def test_still_metric_a_still_world_scores_zero_flicker_a_blinking_one_its_step(
     clips = metric.still_clips(2, 6, 16, 16, 8, 4)
     long = metric.long_clips(2, 6, 16, 16, 8, 4)
     assert torch.equal(clips["first"], long["video"][:, :, 0])  # the long scenes' frame 0, from the start pose
+    later, three = metric.long_clips(2, 6, 16, 16, 8, 4, first=1), metric.long_clips(3, 6, 16, 16, 8, 4)
+    for k in ("video", "w2c", "text", "shown"):  # --first_clip: the same paths as a longer set's tail
+        assert torch.equal(later[k], three[k][1:])
+    assert not torch.equal(later["video"][0], three["video"][0])
+    assert torch.equal(metric.still_clips(1, 6, 16, 16, 8, 4, first=1)["first"], later["video"][:1, :, 0])
     assert clips["w2c"].shape == (2, 6, 4, 4) and torch.equal(clips["w2c"], clips["w2c"][:, :1].expand_as(clips["w2c"]))
     held = clips["first"][:, :, None].expand(-1, -1, 6, -1, -1)  # (B, 3, F, H, W): the truth, every frame frame 0
     still = metric.still_scores(held, clips["first"])
