@@ -16,7 +16,9 @@ and a random window of `frames` (8, the teachers' clip length) is scored; only t
 gradient. So the student is trained in the states a long rollout reaches - after its own errors - not
 only in the first 8 frames. Both scores see the window conditioned on the training clip's TRUE frame at
 the window's start (`window_cond`): judged against its own first frame, a window whose colours had
-drifted looked as plausible as any, and rollouts drifted (README, Long rollouts).
+drifted looked as plausible as any, and rollouts drifted (README, Long rollouts). `--anchor=W` adds a
+regression of each scored frame's colour (its latent averaged over `anchor_grid`² cells) to the true clip's:
+DMD says what a window should look like, not where the world's colours are once frame 0 is far behind.
 
     python train_dmd.py --ckpt=out/cd --teacher=out/bidir
     python train_dmd.py --ckpt=out/cd --teacher=out/bidir --quick
@@ -65,6 +67,10 @@ class Config(common.StageConfig):
     #                            data-free, as Self-Forcing++; it let colours drift, README Long rollouts)
     context_sigma: float = -1.0  # the noise each rolled-out chunk enters the cache with (model.commit); it goes
     #                              into the student's model config, so infer.py commits the same: -1 = the student's
+    anchor: float = 0.0  # weight of a low-frequency regression of the scored window to the training clip's true
+    #                      frames (anchor_loss): DMD matches distributions, this ties a long rollout's colours to
+    #                      where the world is (DMD v1 paired its distribution matching with a regression loss)
+    anchor_grid: int = 1  # the regression compares each frame's latent averaged over a grid x grid of cells (1: its mean)
     sink: int = M.TRAIN_SINK  # the student's cache while rolling out (inference keeps M.STREAM_SINK)
     window: int = M.STREAM_WINDOW
     log_every: int = 1  # a step takes seconds: log every one
@@ -141,10 +147,19 @@ def dmd_loss(x_g, real, fake, text, cams, cond, sigma, noise, guidance=1.0):
     return 0.5 * F.mse_loss(x_g.float(), (x_g - grad).detach().float())
 
 
+def anchor_loss(x_g, truth, grid=1):
+    """Mean squared difference of the window x_g (B, C, F, h, w) and the true frames (same shape), each
+    frame averaged over grid x grid cells: the colour of a frame, not its detail, which the future leaves open."""
+    pool = lambda x: F.adaptive_avg_pool3d(x.float(), (x.shape[2], grid, grid))  # (B, C, F, grid, grid)
+    return F.mse_loss(pool(x_g), pool(truth))
+
+
 def main():
     cfg = common.parse_config(Config, quick=QUICK)
     if cfg.window_cond not in ("own", "true"):
         common.die(f"--window_cond={cfg.window_cond} must be 'true' or 'own'")
+    if cfg.anchor < 0 or cfg.anchor_grid < 1:
+        common.die(f"--anchor={cfg.anchor} must be at least 0 and --anchor_grid={cfg.anchor_grid} at least 1")
     rank, local_rank, world, device, stem = common.start(cfg)
     if cfg.fsdp:  # three models, several forwards per backward: sharded DMD is not written yet
         common.die("--fsdp: train_dmd.py does not shard yet; run it with DDP (plain torchrun)")
@@ -185,6 +200,7 @@ def main():
         metric.report(cfg, clips, codec, 0, ema, "ar", few, renoise=True, label="student", device=device)
     bar, t0 = common.progress(cfg.max_steps, initial=first_step, desc=cfg.name), time.time()
     loss_f = torch.zeros((), device=device)  # stays 0 with --critic_steps=0 (a frozen fake score)
+    loss_a = torch.zeros((), device=device)  # stays 0 without --anchor
     for step in range(first_step, common.last_step(cfg)):
         for j in range(cfg.critic_steps + 1):  # critic_steps critic updates, then one generator update
             b = source(step * (cfg.critic_steps + 1) + j, rank, world, device)
@@ -212,9 +228,13 @@ def main():
                 x_g = self_rollout(student, noise_roll, text, cams.frames(0, stop), first, few, exit_step,
                                    generator=generator, grad_from=start, sink=cfg.sink, window=cfg.window)[:, :, start:]
                 cond = M.image_cond(window_first(x0, x_g.detach(), start, cfg.window_cond), F_)
-                loss_g = dmd_loss(x_g, real, fake, text, cams_w, cond, sigma, noise, cfg.guidance)
-                gnorm = common.optimizer_step(loss_g, opt_g, student, cfg, step, ema, average_grads=True)
-        if common.end_of_step(cfg, step + 1, bar, t0, dict(critic=loss_f, dmd=loss_g, gnorm=gnorm, exit=exit_step), saves):
+                loss_d = dmd_loss(x_g, real, fake, text, cams_w, cond, sigma, noise, cfg.guidance)
+                if cfg.anchor > 0:
+                    loss_a = anchor_loss(x_g, x0[:, :, start:stop], cfg.anchor_grid)
+                gnorm = common.optimizer_step(loss_d + cfg.anchor * loss_a, opt_g, student, cfg, step, ema,
+                                              average_grads=True)
+        scalars = dict(critic=loss_f, dmd=loss_d, anchor=loss_a, gnorm=gnorm, exit=exit_step)
+        if common.end_of_step(cfg, step + 1, bar, t0, scalars, saves):
             metric.report(cfg, clips, codec, step + 1, ema, "ar", few, renoise=True, device=device)
 
 

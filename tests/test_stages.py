@@ -321,6 +321,20 @@ def test_dmd_window_is_scored_given_the_true_or_its_own_first_frame():
     assert torch.equal(train_dmd.window_first(truth, window, 6, "own"), window[:, :, 0])
 
 
+def test_dmd_anchor_compares_the_colour_of_each_cell_not_its_detail():
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(2, 12, 8, 8, 8, generator=g)  # (B, C, F, h, w)
+    detail = torch.randn(2, 12, 8, 8, 8, generator=g)
+    detail = detail - detail.mean(dim=(3, 4), keepdim=True)  # every frame's mean left as it was
+    assert train_dmd.anchor_loss(truth + detail, truth).item() < 1e-12  # other detail, same colours: no loss
+    shift = torch.linspace(-0.2, 0.2, 12).view(1, 12, 1, 1, 1)  # each channel's colour moved by its own amount
+    assert abs(train_dmd.anchor_loss(truth + shift, truth).item() - shift.pow(2).mean().item()) < 1e-7
+    # on a grid of 2 x 2 cells, detail that moves colour from the left half to the right one counts
+    halves = torch.cat([torch.full((4,), -0.1), torch.full((4,), 0.1)]).view(1, 1, 1, 1, 8).expand_as(truth)
+    assert train_dmd.anchor_loss(truth + halves, truth).item() < 1e-12
+    assert abs(train_dmd.anchor_loss(truth + halves, truth, grid=2).item() - 0.01) < 1e-7
+
+
 def test_dmd_window_start_is_chunk_aligned_uniform_or_the_first_window():
     starts = [train_dmd.window_start(seed, 32, 8, 2) for seed in range(2000)]  # 13 possible starts: 0, 2, .., 24
     assert set(starts) == set(range(0, 25, 2)) and starts == [train_dmd.window_start(s, 32, 8, 2) for s in range(2000)]
