@@ -6,7 +6,7 @@
 #   batch size      Phase 1 at batch 2, 4, 8, 16 with the same number of samples seen, and with the same
 #                   number of updates (control arrives after a number of updates more than of samples)
 #   latency         bench.py: bidirectional 50 steps vs AR 25 steps vs AR 4 steps, time to the first frames
-#   stages          bidir -> ar -> ode, cd -> dmd: one pipeline.sh chain, ODE and CD side by side
+#   stages          bidir -> ar -> ode, cd -> dmd32 -> dmd: one pipeline.sh chain, ODE and CD side by side
 #
 #   bash ablate.sh --quick           every run at smoke size (about 15 minutes on 2 CPU cores): checks the code
 #   bash ablate.sh                   the full study (17 hours of one CPU core, measured; OUT/ablation.md's "Run time" sums
@@ -58,7 +58,7 @@ for budget in samples updates; do  # batch 4 is the exact-pose run under both bu
 done
 # latency, side by side in one run
 python bench.py $([ -n "$QUICK" ] && echo --quick || true) --json | tail -1 > "$OUT/bench.json"
-# through the stages: the chain from the exact-pose Phase 1 run (the shipped recipe's), ar -> ode, cd -> dmd
+# through the stages: the chain from the exact-pose Phase 1 run (the shipped recipe's), ar -> ode, cd -> dmd32 -> dmd
 mkdir -p "$OUT/chain"
 cp "$OUT/cam_exact/bidir."{json,safetensors,metrics.jsonl} "$OUT/chain/"
 bash pipeline.sh $([ -n "$QUICK" ] && echo --quick || true) --from=ar --out_dir="$OUT/chain" --resume > "$OUT/chain.out" 2>&1

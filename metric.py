@@ -321,7 +321,7 @@ def _run_time(lines):
     return sum(a for a, b in zip(timed, timed[1:] + [0.0]) if b < a)
 
 
-def results_table(out_dir, stages=("bidir", "ar", "ode", "cd", "dmd")):
+def results_table(out_dir, stages=("bidir", "ar", "ode", "cd", "dmd32", "dmd")):
     """Markdown table of each stage's last control metric (from OUT/NAME.metrics.jsonl) and run time."""
     head = ("| stage | sampler | steps | run time | PSNR | control margin (clips won) | oracle margin | "
             "margin/oracle | loss gap σ=.5 / .9 | gain over static | sharpness |")

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The whole minWM pipeline on the embedded procedural world, one stage after another:
-#   bidir (Phase 1) -> ar (Stage 1) -> ode (Stage 2a) and cd (Stage 2b) -> dmd (Stage 3, from cd) -> infer
+#   bidir (Phase 1) -> ar (Stage 1) -> ode (Stage 2a) and cd (Stage 2b) -> dmd32, dmd (Stage 3, from cd) -> infer
+# Stage 3 runs in two passes of train_dmd.py: dmd32, 600 steps on 32-frame self-rollouts; then dmd, 200 steps
+# on 64-frame ones with a fresh critic and the colour anchor (--anchor=5): README, Long rollouts.
 #
 #   bash pipeline.sh                 the full tiny chain (2-core CPU; README, Results, gives its measured time)
 #   bash pipeline.sh --quick         every stage at smoke size (minutes)
 #   bash pipeline.sh --from=ar       start at a stage; the earlier stages' checkpoints: this run's, else assets/
 #   bash pipeline.sh --bidir=assets/bidir_default --from=ar   ... with this Phase 1 checkpoint as the start
-#   bash pipeline.sh --cd | --ode    one Stage 2 only (dmd from it); the default runs both, dmd from cd
+#   bash pipeline.sh --cd | --ode    one Stage 2 only (dmd32 from it); the default runs both, dmd32 from cd
 #   bash pipeline.sh --ship          also copy each checkpoint (EMA, fp16) into assets/ (bidir too, when given)
 #   bash pipeline.sh --overwrite     start over in an out_dir that holds checkpoints (else each stage refuses)
 #   bash pipeline.sh --resume        continue the stages from their last saves
@@ -34,7 +36,7 @@ for arg in "$@"; do
   esac
 done
 OUT="${OUT:-$([ -n "$QUICK" ] && echo out_quick || echo out)}"
-STAGES=(bidir ar "${STAGE2[@]}" dmd)
+STAGES=(bidir ar "${STAGE2[@]}" dmd32 dmd)
 case " ${STAGES[*]} " in *" $FROM "*) ;; *) echo "error: --from=$FROM is not one of: ${STAGES[*]}" >&2; exit 2 ;; esac
 if [ -n "$BIDIR" ] && [ ! -f "${BIDIR%.safetensors}.safetensors" ]; then
   echo "error: --bidir=$BIDIR: no such checkpoint" >&2; exit 2
@@ -66,10 +68,14 @@ for stage in "${STAGES[@]}"; do
     bidir) args=(${PRESET[@]+"${PRESET[@]}"}) ;;
     ar) args=(--ckpt="$(ckpt bidir)") ;;
     ode|cd) args=(--ckpt="$(ckpt ar)") ;;
-    dmd) args=(--ckpt="$(ckpt "$DMD_FROM")" --teacher="$(ckpt bidir)") ;;
+    dmd32) args=(--ckpt="$(ckpt "$DMD_FROM")" --teacher="$(ckpt bidir)" --name=dmd32) ;;
+    # the second pass: its --quick keeps the smoke size's steps and rollout
+    dmd) args=(--ckpt="$(ckpt dmd32)" --teacher="$(ckpt bidir)" --anchor=5
+               $([ -n "$QUICK" ] || echo "--rollout_frames=64 --max_steps=200")) ;;
   esac
-  echo "== $stage: python train_$stage.py ${args[*]} $QUICK $AGAIN --out_dir=$OUT"
-  python "train_$stage.py" "${args[@]}" $QUICK $AGAIN --out_dir="$OUT"
+  script="train_${stage%32}.py"  # dmd32: train_dmd.py
+  echo "== $stage: python $script ${args[*]} $QUICK $AGAIN --out_dir=$OUT"
+  python "$script" "${args[@]}" $QUICK $AGAIN --out_dir="$OUT"
   if [ -n "$SHIP" ]; then python common.py ship "$OUT/$stage" "assets/$stage"; fi
 done
 
@@ -78,7 +84,7 @@ python infer.py --ckpt="$(ckpt dmd)" --cameras=assets/orbit.json --out="$OUT/inf
   $([ -n "$QUICK" ] && echo "--height=16 --width=16")
 python metric.py table "$OUT" | tee "$OUT/results.md"
 echo "first-chunk latency: $(python -c "import json; print(round(1000 * json.load(open('$OUT/infer_orbit.json'))['first_chunk_latency_s']), 'ms')")" | tee -a "$OUT/results.md"
-present=$(for s in ar ode cd dmd; do [ -f "$OUT/$s.safetensors" ] && printf '%s,' "$OUT/$s"; done)
+present=$(for s in ar ode cd dmd32 dmd; do [ -f "$OUT/$s.safetensors" ] && printf '%s,' "$OUT/$s"; done)
 python metric.py long --ckpts="${present%,}" --out="$OUT/long_rollout" \
   $([ -n "$QUICK" ] && echo "--frames=16 --clips=2 --steps=3" || echo "--frames=512") > /dev/null
 trap - EXIT && record "$@" && cat "$OUT/time.txt"

@@ -20,7 +20,11 @@ drifted looked as plausible as any, and rollouts drifted (README, Long rollouts)
 regression of each scored frame's colour (its latent averaged over `anchor_grid`² cells) to the true clip's:
 DMD says what a window should look like, not where the world's colours are once frame 0 is far behind.
 
-    python train_dmd.py --ckpt=out/cd --teacher=out/bidir
+The shipped model is two passes (pipeline.sh): 600 steps on 32-frame rollouts (dmd32), then 200 on 64-frame
+ones with a fresh critic and the anchor (dmd):
+
+    python train_dmd.py --ckpt=out/cd --teacher=out/bidir --name=dmd32
+    python train_dmd.py --ckpt=out/dmd32 --teacher=out/bidir --rollout_frames=64 --max_steps=200 --anchor=5
     python train_dmd.py --ckpt=out/cd --teacher=out/bidir --quick
 """
 import copy

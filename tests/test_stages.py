@@ -214,7 +214,9 @@ def quick_chain(tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage,extra", [("ar", "--ckpt={d}/bidir"), ("ode", "--ckpt={d}/ar"),
-                                         ("cd", "--ckpt={d}/ar"), ("dmd", "--ckpt={d}/ode --teacher={d}/bidir")])
+                                         ("cd", "--ckpt={d}/ar"), ("dmd", "--ckpt={d}/ode --teacher={d}/bidir"),
+                                         # Stage 3's second pass (pipeline.sh's dmd): the colour anchor on
+                                         ("dmd", "--ckpt={d}/ode --teacher={d}/bidir --anchor=5")])
 def test_stage_resume_is_exact(quick_chain, tmp_path, stage, extra):
     d = quick_chain
     args = [f"train_{stage}.py", "--quick", "--max_steps=4", "--save_every=100", "--eval_every=100"] + extra.format(d=d).split()
