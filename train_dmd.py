@@ -75,6 +75,8 @@ class Config(common.StageConfig):
     #                      frames (anchor_loss): DMD matches distributions, this ties a long rollout's colours to
     #                      where the world is (DMD v1 paired its distribution matching with a regression loss)
     anchor_grid: int = 1  # the regression compares each frame's latent averaged over a grid x grid of cells (1: its mean)
+    anchor_frames: str = "window"  # the frames the anchor regresses: "window" (the scored window) or "rollout"
+    #                                (every frame rolled out: each chunk's exit step then carries gradient)
     sink: int = M.TRAIN_SINK  # the student's cache while rolling out (inference keeps M.STREAM_SINK)
     window: int = M.STREAM_WINDOW
     log_every: int = 1  # a step takes seconds: log every one
@@ -162,6 +164,8 @@ def main():
     cfg = common.parse_config(Config, quick=QUICK)
     if cfg.window_cond not in ("own", "true"):
         common.die(f"--window_cond={cfg.window_cond} must be 'true' or 'own'")
+    if cfg.anchor_frames not in ("window", "rollout"):
+        common.die(f"--anchor_frames={cfg.anchor_frames} must be 'window' or 'rollout'")
     if cfg.anchor < 0 or cfg.anchor_grid < 1:
         common.die(f"--anchor={cfg.anchor} must be at least 0 and --anchor_grid={cfg.anchor_grid} at least 1")
     rank, local_rank, world, device, stem = common.start(cfg)
@@ -229,12 +233,15 @@ def main():
                 common.optimizer_step(loss_f, opt_f, fake, cfg, step, average_grads=True)
             else:  # generator: self-rollout with one shared exit step, DMD gradient on the window
                 exit_step = int(torch.randint(len(few) - 1, (), generator=torch.Generator().manual_seed(seed)))
-                x_g = self_rollout(student, noise_roll, text, cams.frames(0, stop), first, few, exit_step,
-                                   generator=generator, grad_from=start, sink=cfg.sink, window=cfg.window)[:, :, start:]
+                # the anchor on the whole rollout needs every chunk's exit step to carry gradient
+                a0 = 0 if cfg.anchor > 0 and cfg.anchor_frames == "rollout" else start
+                x_all = self_rollout(student, noise_roll, text, cams.frames(0, stop), first, few, exit_step,
+                                     generator=generator, grad_from=a0, sink=cfg.sink, window=cfg.window)  # (B, C, stop, h, w)
+                x_g = x_all[:, :, start:]  # the window both scores see
                 cond = M.image_cond(window_first(x0, x_g.detach(), start, cfg.window_cond), F_)
                 loss_d = dmd_loss(x_g, real, fake, text, cams_w, cond, sigma, noise, cfg.guidance)
                 if cfg.anchor > 0:
-                    loss_a = anchor_loss(x_g, x0[:, :, start:stop], cfg.anchor_grid)
+                    loss_a = anchor_loss(x_all[:, :, a0:], x0[:, :, a0:stop], cfg.anchor_grid)
                 gnorm = common.optimizer_step(loss_d + cfg.anchor * loss_a, opt_g, student, cfg, step, ema,
                                               average_grads=True)
         scalars = dict(critic=loss_f, dmd=loss_d, anchor=loss_a, gnorm=gnorm, exit=exit_step)

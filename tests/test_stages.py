@@ -355,12 +355,13 @@ def test_dmd_long_rollout_carries_gradient_only_in_the_scored_window():
     cams = type(cams)(cams.w2c.expand(2, -1, -1, -1), cams.K.expand(2, -1, -1))
     noise = torch.randn(2, 12, 8, 8, 8, generator=torch.Generator().manual_seed(0))
 
-    def grads(part):  # the parameters' gradient of a loss on the frames `part` of a fresh rollout
+    def grads(part, grad_from=4):  # the parameters' gradient of a loss on the frames `part` of a fresh rollout
         student.zero_grad()
         x = train_dmd.self_rollout(student, noise, b["text"], cams, b["x0"][:, :, 0], few, exit_step=1,
-                                   generator=torch.Generator().manual_seed(1), grad_from=4, sink=1, window=4)
+                                   generator=torch.Generator().manual_seed(1), grad_from=grad_from, sink=1, window=4)
         assert x.shape == (2, 12, 8, 8, 8)
         x[:, :, part].pow(2).mean().backward()
         return sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None)
     assert grads(slice(0, 4)) == 0  # the lead-in to the window ran without gradient
     assert grads(slice(4, 8)) > 0  # the window's chunks carry it through their exit step
+    assert grads(slice(0, 4), grad_from=0) > 0  # --anchor_frames=rollout: the lead-in's exit steps carry it too
