@@ -627,12 +627,13 @@ def sample_bidir(model, noise, context, cameras=None, cond=None, sigmas=None, gu
 
 @torch.no_grad()
 def generate_chunk(model, cache, noise, start, context, cameras=None, cond=None, sigmas=None, renoise=False,
-                   generator=None):
+                   generator=None, commit_as=None):
     """Denoise one chunk (noise (B, C, f, h, w), first frame at absolute index `start`) against the cache.
 
     renoise=False: Euler steps (many-step sampling of the AR diffusion model); renoise=True: the
     few-step sampler - predict x0, re-noise to the next sigma with fresh noise (Stages 2-3). Then the
     clean chunk is re-run once at t = 0 with commit=True so it becomes context for the next chunks.
+    commit_as: latents (B, C, f, h, w) committed in its place (an oracle of the cache: metric.py long --context).
     """
     x = noise
     B = x.shape[0]
@@ -644,7 +645,7 @@ def generate_chunk(model, cache, noise, start, context, cameras=None, cond=None,
             x = add_noise(x0, eps, s_next)
         else:
             x = x + (s_next - s) * v
-    commit(model, cache, x, start, context, cameras, cond, generator)
+    commit(model, cache, x if commit_as is None else commit_as, start, context, cameras, cond, generator)
     return x
 
 
@@ -678,8 +679,10 @@ def noisy_context(x0, u, noise, cfg, chunk):
 
 @torch.no_grad()
 def sample_ar(model, noise, context, cameras=None, cond=None, sigmas=None, renoise=False, sink=TRAIN_SINK,
-              window=64, generator=None):
-    """Chunk-by-chunk AR rollout of a whole clip through a fresh KV cache (the control metric, DMD)."""
+              window=64, generator=None, commit_frames=None):
+    """Chunk-by-chunk AR rollout of a whole clip through a fresh KV cache (the control metric, DMD).
+    commit_frames: latents (B, C, F, h, w) the cache is given in place of the generated chunks: the rollout
+    then remembers those frames, not its own (metric.py long --context=truth: a perfect memory)."""
     B, C, F_, H, W = noise.shape
     chunk = model.cfg.chunk
     cache = model.new_cache(B, H, W, sink=sink, window=window, device=noise.device)
@@ -688,7 +691,8 @@ def sample_ar(model, noise, context, cameras=None, cond=None, sigmas=None, renoi
         stop = min(start + chunk, F_)
         out.append(generate_chunk(model, cache, noise[:, :, start:stop], start, context,
                                   cameras.frames(start, stop) if cameras is not None else None,
-                                  cond[:, :, start:stop] if cond is not None else None, sigmas, renoise, generator))
+                                  cond[:, :, start:stop] if cond is not None else None, sigmas, renoise, generator,
+                                  None if commit_frames is None else commit_frames[:, :, start:stop]))
     return torch.cat(out, 2)
 
 

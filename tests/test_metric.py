@@ -211,3 +211,23 @@ def test_ablation_tables_from_fake_runs(tmp_path):
     (tmp_path / "chain").mkdir()
     (tmp_path / "chain" / "time.txt").write_text("pipeline.sh: 47 minutes (2 invocations, --resume)\n")
     assert "; the chain (chain/time.txt): 47 min; in all 1.0 h" in metric.ablation_tables(str(tmp_path))
+
+
+def test_long_rollout_metric_context_oracles_hand_the_rendering_to_the_cache(tmp_path):
+    """--context=truth / shown: the sampler is given the exact rendering's latents (or frame 0's objects only) to
+    commit; a model that plays back what its cache is given then scores the truth (or the shown baseline)."""
+    clips, codec = metric.long_clips(2, 16, 16, 16, 8, 4), data.PixelCodec(2)
+    playback = lambda noise, text, cams, first, commit=None: noise if commit is None else commit
+    truth = metric.long_rollout_metric(playback, codec, clips, context="truth")
+    shown = metric.long_rollout_metric(playback, codec, clips, context="shown")
+    own = metric.long_rollout_metric(playback, codec, clips)
+    assert (truth["model"]["psnr"] > 90).all() and truth["model"]["colour"].abs().max() < 1e-6
+    assert torch.allclose(shown["model"]["colour"], shown["shown"]["colour"], atol=1e-6)
+    assert torch.allclose(shown["model"]["psnr"], shown["shown"]["psnr"], atol=1e-3)
+    assert (own["model"]["psnr"] < 20).all()  # its own "frames" (noise) are far from the world
+    out = str(tmp_path / "long")  # the report names an oracle's row (and another commit sigma) as such
+    metric.long_report(metric.LongConfig(ckpts="assets/cd", clips=1, frames=8, context="shown", context_sigma=0, out=out))
+    assert open(out + ".md").read().splitlines()[2].startswith("| cd, shown context, commit σ 0 | ")
+    with pytest.raises(SystemExit) as e:
+        metric.long_report(metric.LongConfig(ckpts="assets/cd", clips=1, frames=8, context="dream"))
+    assert e.value.code == 2

@@ -454,3 +454,25 @@ def test_qk_norms_take_the_inputs_dtype_under_autocast():
     assert set(calls) == {(torch.bfloat16, torch.bfloat16)}
     w = net.blocks[0].self_attn.norm_q.weight
     assert w.dtype == torch.float32 and w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_commit_frames_oracle_the_own_frames_give_the_rollout_and_a_fixed_memory_cuts_the_past_off():
+    """sample_ar(commit_frames=...) gives the cache those latents in place of the generated chunks (metric.py long
+    --context): given back its own frames it is the rollout itself; given fixed frames, a chunk no longer depends on
+    what earlier chunks drew, which it does when the cache holds the model's own frames."""
+    net = M.load_pretrained("assets/dmd").eval()
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(1, 12, 8, 16, 16, generator=g) * 0.5  # (B, C, F, h, w) stand-in frames to remember
+    noise, ctx = torch.randn(1, 12, 8, 16, 16, generator=g), torch.randn(1, 16, 64, generator=g)
+    cams = random_cameras(1, 8, g)
+    cond, few = M.image_cond(x0[:, :, 0], 8), M.few_step_sigmas()
+    other = noise.clone()
+    other[:, :, :2] = torch.randn(1, 12, 2, 16, 16, generator=g)  # chunk 0 drawn from other noise
+    roll = lambda n, frames=None: M.sample_ar(net, n, ctx, cams, cond, few, renoise=True, sink=M.STREAM_SINK, window=4,
+                                              generator=torch.Generator().manual_seed(0), commit_frames=frames)
+    own = roll(noise)
+    assert torch.equal(roll(noise, own), own)  # its own frames given back: the same rollout, bit for bit
+    assert (roll(other)[:, :, 2:] - own[:, :, 2:]).abs().max() > 1e-3  # own memory: chunk 0 shapes the rest
+    fixed, fixed_other = roll(noise, x0), roll(other, x0)
+    assert torch.equal(fixed[:, :, 2:], fixed_other[:, :, 2:])  # a fixed memory: the rest does not depend on chunk 0
+    assert not torch.equal(fixed[:, :, :2], fixed_other[:, :, :2])
