@@ -529,7 +529,8 @@ class LongConfig:
     #                      from 32 on, paths that chose nothing)
     sink: int = M.STREAM_SINK  # the streaming cache, as infer.py's defaults
     window: int = M.STREAM_WINDOW
-    steps: int = 25  # Euler steps per chunk for a Stage 1 ("ar") checkpoint; the others use their few steps
+    steps: int = 25  # Euler steps per chunk for a Stage 1 ("ar") checkpoint
+    timesteps: tuple[int, ...] = M.FEW_STEP_TIMESTEPS  # the few-step sampler's, for the others (infer.py --timesteps)
     context_sigma: float = -1.0  # the noise on generated context in the cache: -1 = each model's own (its config)
     context: str = "own"  # what the cache remembers of each chunk: own (the model's frames, as infer.py) | truth
     #                       (the exact rendering: an oracle, a perfect memory) | shown (frame 0's objects only: a
@@ -551,7 +552,7 @@ def streaming_sampler(path, cfg, device):
     trained = common.StageConfig(**{k: v for k, v in meta.get("config", {}).items() if k in ("height", "width")},
                                  text_len=common.input_text_len(path))
     stage = meta.get("stage")
-    sigmas = M.euler_sigmas(cfg.steps) if stage == "ar" else M.few_step_sigmas(M.FEW_STEP_TIMESTEPS)
+    sigmas = M.euler_sigmas(cfg.steps) if stage == "ar" else M.few_step_sigmas(cfg.timesteps)
 
     def sample(noise, text, cams, first, seed=0, commit=None):  # commit: an oracle's latents for the cache
         return M.sample_ar(net, noise, text, cams, M.image_cond(first, noise.shape[2]), sigmas,
@@ -566,9 +567,11 @@ def _check_long(cfg, name):
     paths = [p for p in cfg.ckpts.split(",") if p]
     first = LONG_SEGMENTS[0][1]  # the frames the first segment of the table needs
     if (not paths or cfg.frames < first or cfg.clips < 1 or cfg.first_clip < 0 or cfg.steps < 1 or cfg.window < 1
-            or cfg.sink < 0 or cfg.draws < 1 or getattr(cfg, "context", "own") not in LONG_CONTEXTS):
+            or cfg.sink < 0 or cfg.draws < 1 or cfg.context not in LONG_CONTEXTS or not cfg.timesteps
+            or not all(0 < t <= 1000 for t in cfg.timesteps) or list(cfg.timesteps) != sorted(set(cfg.timesteps))[::-1]):
         common.die(f"metric.py {name}: give --ckpts=A,B,...; --frames >= {first}, --clips >= 1, --first_clip >= 0, "
-                   f"--steps >= 1, --window >= 1, --sink >= 0, --draws >= 1, --context one of {'|'.join(LONG_CONTEXTS)}")
+                   f"--steps >= 1, --window >= 1, --sink >= 0, --draws >= 1, --context one of {'|'.join(LONG_CONTEXTS)}, "
+                   "--timesteps decreasing in (0, 1000]")
     names = [Path(p).name for p in paths]
     names = [os.path.normpath(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
     if len(set(names)) < len(names):
@@ -590,6 +593,7 @@ def long_report(cfg):
         # a row streamed otherwise than infer.py says how: an oracle's memory, another commit sigma
         name += f", {cfg.context} context" if cfg.context != "own" else ""
         name += f", commit σ {cfg.context_sigma:g}" if cfg.context_sigma >= 0 else ""
+        name += f", timesteps {','.join(map(str, cfg.timesteps))}" if tuple(cfg.timesteps) != M.FEW_STEP_TIMESTEPS else ""
         videos.append((name, runs[0].pop("video")))  # draw 0's first paths, for the picture
         r = {row: {k: sum(run[row][k] for run in runs) / cfg.draws for k in runs[0][row]} for row in runs[0]}
         per_draw[name] = [segment_scores(run["model"]) for run in runs]
@@ -735,6 +739,8 @@ def still_scores(video, first):
 def still_report(cfg):
     """Each checkpoint of cfg.ckpts streams cfg.frames frames with the camera standing still; a table by
     segment of "PSNR vs frame 0 dB / flicker (1/255)"."""
+    if cfg.context != "own":
+        common.die("metric.py still: --context is an oracle of long rollouts (metric.py long), not of a still camera")
     device, rows = common.device_of(cfg.device), []
     for name, path in _check_long(cfg, "still").items():
         net, trained, sample = streaming_sampler(path, cfg, device)
