@@ -286,7 +286,7 @@ def long_rollout_metric(sample, codec, clips, batch=8, seed=0, device="cpu", kee
     sample(noise, text, cameras, first) -> latents (B, C, F, h, w) (the model's streaming sampler).
     context: what the rollout's cache remembers of each chunk: "own" (its frames, as infer.py), or an oracle,
     "truth" (the exact rendering: a perfect memory) or "shown" (the rendering with only frame 0's objects: a
-    perfect memory of a world that invents nothing); an oracle calls sample(..., commit=latents (B, C, F, h, w)).
+    perfect memory of a world that invents nothing); an oracle calls sample(..., commit_frames=latents (B, C, F, h, w)).
     Returns {"model", "static", "redrawn" and "shown" (where clips has them)}: frame_scores each, averaged
     over the clips; with keep > 0 also "video": the first `keep` (<= batch) rollouts (keep, 3, F, H, W) in [-1, 1]."""
     generator = torch.Generator().manual_seed(seed)
@@ -301,7 +301,7 @@ def long_rollout_metric(sample, codec, clips, batch=8, seed=0, device="cpu", kee
         if context == "own":
             oracle = {}
         else:  # the cache remembers the rendering, not the model's frames
-            oracle = dict(commit=codec.encode(truth if context == "truth" else clips["shown"][sl].to(device)))
+            oracle = dict(commit_frames=codec.encode(truth if context == "truth" else clips["shown"][sl].to(device)))
         video = codec.decode(sample(noise, clips["text"][sl].to(device), Cameras(clips["w2c"][sl], clips["K"][sl]).to(device),
                                     x0[:, :, 0], **oracle)).clamp(-1, 1)
         if i == 0:
@@ -554,10 +554,10 @@ def streaming_sampler(path, cfg, device):
     stage = meta.get("stage")
     sigmas = M.euler_sigmas(cfg.steps) if stage == "ar" else M.few_step_sigmas(cfg.timesteps)
 
-    def sample(noise, text, cams, first, seed=0, commit=None):  # commit: an oracle's latents for the cache
+    def sample(noise, text, cams, first, seed=0, commit_frames=None):  # an oracle's latents for the cache
         return M.sample_ar(net, noise, text, cams, M.image_cond(first, noise.shape[2]), sigmas,
                            renoise=stage != "ar", sink=cfg.sink, window=cfg.window,
-                           generator=torch.Generator(noise.device).manual_seed(seed), commit_frames=commit)
+                           generator=torch.Generator(noise.device).manual_seed(seed), commit_frames=commit_frames)
     return net, trained, sample
 
 

@@ -627,13 +627,13 @@ def sample_bidir(model, noise, context, cameras=None, cond=None, sigmas=None, gu
 
 @torch.no_grad()
 def generate_chunk(model, cache, noise, start, context, cameras=None, cond=None, sigmas=None, renoise=False,
-                   generator=None, commit_as=None):
+                   generator=None, commit_frames=None):
     """Denoise one chunk (noise (B, C, f, h, w), first frame at absolute index `start`) against the cache.
 
     renoise=False: Euler steps (many-step sampling of the AR diffusion model); renoise=True: the
     few-step sampler - predict x0, re-noise to the next sigma with fresh noise (Stages 2-3). Then the
     clean chunk is re-run once at t = 0 with commit=True so it becomes context for the next chunks.
-    commit_as: latents (B, C, f, h, w) committed in its place (an oracle of the cache: metric.py long --context).
+    commit_frames: latents (B, C, f, h, w) committed in its place (an oracle of the cache: metric.py long --context).
     """
     x = noise
     B = x.shape[0]
@@ -645,7 +645,7 @@ def generate_chunk(model, cache, noise, start, context, cameras=None, cond=None,
             x = add_noise(x0, eps, s_next)
         else:
             x = x + (s_next - s) * v
-    commit(model, cache, x if commit_as is None else commit_as, start, context, cameras, cond, generator)
+    commit(model, cache, x if commit_frames is None else commit_frames, start, context, cameras, cond, generator)
     return x
 
 

@@ -217,7 +217,7 @@ def test_long_rollout_metric_context_oracles_hand_the_rendering_to_the_cache(tmp
     """--context=truth / shown: the sampler is given the exact rendering's latents (or frame 0's objects only) to
     commit; a model that plays back what its cache is given then scores the truth (or the shown baseline)."""
     clips, codec = metric.long_clips(2, 16, 16, 16, 8, 4), data.PixelCodec(2)
-    playback = lambda noise, text, cams, first, commit=None: noise if commit is None else commit
+    playback = lambda noise, text, cams, first, commit_frames=None: noise if commit_frames is None else commit_frames
     truth = metric.long_rollout_metric(playback, codec, clips, context="truth")
     shown = metric.long_rollout_metric(playback, codec, clips, context="shown")
     own = metric.long_rollout_metric(playback, codec, clips)
