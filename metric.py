@@ -561,6 +561,14 @@ def streaming_sampler(path, cfg, device):
     return net, trained, sample
 
 
+def streamed_as(name, cfg):
+    """A row's name, and how it was streamed where that is not infer.py's way: an oracle's memory, another
+    commit sigma, other timesteps."""
+    name += f", {cfg.context} context" if cfg.context != "own" else ""
+    name += f", commit σ {cfg.context_sigma:g}" if cfg.context_sigma >= 0 else ""
+    return name + (f", timesteps {','.join(map(str, cfg.timesteps))}" if tuple(cfg.timesteps) != M.FEW_STEP_TIMESTEPS else "")
+
+
 def _check_long(cfg, name):
     """The checkpoints of cfg.ckpts as {row name: path}: each file's name, or the path as given where two
     share one (runs name their checkpoints alike: A/dmd, B/dmd); bad settings stop with one line."""
@@ -590,10 +598,7 @@ def long_report(cfg):
         # draw d: the starting noise and the rollout's own noise both from seed d (draw 0 is the one-draw table)
         runs = [long_rollout_metric(functools.partial(sample, seed=d), data.PixelCodec(2), clips, seed=d, device=device,
                                     keep=0 if d else LONG_PNG_CLIPS, context=cfg.context) for d in range(cfg.draws)]
-        # a row streamed otherwise than infer.py says how: an oracle's memory, another commit sigma
-        name += f", {cfg.context} context" if cfg.context != "own" else ""
-        name += f", commit σ {cfg.context_sigma:g}" if cfg.context_sigma >= 0 else ""
-        name += f", timesteps {','.join(map(str, cfg.timesteps))}" if tuple(cfg.timesteps) != M.FEW_STEP_TIMESTEPS else ""
+        name = streamed_as(name, cfg)
         videos.append((name, runs[0].pop("video")))  # draw 0's first paths, for the picture
         r = {row: {k: sum(run[row][k] for run in runs) / cfg.draws for k in runs[0][row]} for row in runs[0]}
         per_draw[name] = [segment_scores(run["model"]) for run in runs]
@@ -757,7 +762,7 @@ def still_report(cfg):
             draws.append(still_scores(video, clips["first"].to(device)))
         sc = {k: sum(x[k] for x in draws) / cfg.draws for k in draws[0]}
         segments = [(a, b) for a, b in LONG_SEGMENTS if b <= cfg.frames]
-        rows.append(f"| {name} | " + " | ".join(
+        rows.append(f"| {streamed_as(name, cfg)} | " + " | ".join(
             f"{sc['psnr'][a:b].mean():.1f} / {sc['flicker'][a:b].mean():.1f}" for a, b in segments) + " |")
     table = "\n".join(["| model | " + " | ".join(f"frames {a}-{b - 1}" for a, b in segments) + " |",
                        "| --- |" + " --- |" * len(segments), *rows])

@@ -232,3 +232,6 @@ def test_long_rollout_metric_context_oracles_hand_the_rendering_to_the_cache(tmp
     row, plain_row = (open(p + ".md").read().splitlines()[2].split(" | ") for p in (out, plain))
     assert row[0] == "| cd, shown context, commit σ 0, timesteps 1000,500" and plain_row[0] == "| cd, shown context, commit σ 0"
     assert row[1:] != plain_row[1:]  # the two timesteps draw other frames
+    still = str(tmp_path / "still")  # metric.py still names its rows alike
+    metric.still_report(metric.StillConfig(ckpts="assets/cd", clips=1, frames=8, context_sigma=0.5, out=still))
+    assert open(still + ".md").read().splitlines()[2].startswith("| cd, commit σ 0.5 | ")
