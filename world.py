@@ -372,23 +372,25 @@ def make_clip(seed, index, frames, height, width, text_dim, text_len, wander=Fal
     whichever process draws it. Scene seeds stay below EVAL_SEED_BASE. wander: a long path
     (long_actions, 0.1-0.4 m and 3-8° per step for this clip) instead of sample_trajectory's clip kinds,
     for clips far longer than the 8 frames those are made for. reveal: the share of clips that are
-    `reveal_path`s instead of sample_trajectory's (not with wander; drawn from their own seed, so that
-    reveal=0 gives the clips of a run without it).
+    `reveal_path`s instead (of either kind; drawn from their own seed, so that reveal=0 gives the clips of
+    a run without it; a scene with no unseen object within reach keeps its ordinary clip).
     """
     scene_seed = mix_seed(seed, index, 0) % EVAL_SEED_BASE
     generator = torch.Generator().manual_seed(mix_seed(seed, index, 1))
-    if wander:
+    path = None
+    if reveal > 0:
+        reveal_generator = torch.Generator().manual_seed(mix_seed(seed, index, 3))
+        if torch.rand((), generator=reveal_generator) < reveal:
+            path = reveal_path(reveal_generator, frames, scene_seed, width, height)
+    if path:
+        actions, cameras = path
+    elif wander:
         u = torch.rand(2, generator=generator).tolist()
         trans, rot = 0.1 + 0.3 * u[0], 3 + 5 * u[1]
         actions = long_actions(scene_seed, frames - 1, trans, rot, seed=mix_seed(seed, index, 2))
         cameras = actions_to_cameras(actions, trans, rot, width, height, START_PITCH)
     else:
-        path = None
-        if reveal > 0:
-            reveal_generator = torch.Generator().manual_seed(mix_seed(seed, index, 3))
-            if torch.rand((), generator=reveal_generator) < reveal:
-                path = reveal_path(reveal_generator, frames, scene_seed, width, height)
-        actions, cameras = path or sample_trajectory(generator, frames, scene_seed=scene_seed, width=width, height=height)
+        actions, cameras = sample_trajectory(generator, frames, scene_seed=scene_seed, width=width, height=height)
     text = caption(scene_seed)
     return {"video": render_world(scene_seed, cameras, height, width), "w2c": cameras.w2c[0], "K": cameras.K[0],
             "text": text_embedding(text, text_dim, text_len), "caption": text, "scene_seed": scene_seed,

@@ -207,3 +207,15 @@ def test_reveal_clips_turn_towards_an_object_frame_0_does_not_show():
         assert any((labels[-1] == k).float().mean() >= 0.04 for k in entered)  # it stands in the last frame
         assert world._path_ok(cams, clip["scene_seed"])
     assert sum(kinds) >= 4
+
+
+def test_reveal_replaces_wandering_clips_too():
+    # Stage 1's long clips (wander) take --reveal as Phase 1's do: a revealing clip is a turn or arc of the
+    # clip's whole length; reveal=0 leaves the wandering clips of a run without it
+    for i in range(2):
+        clip = world.make_clip(0, i, 24, 32, 32, 8, 16, wander=True, reveal=1.0)
+        steps = cameras.parse_actions(clip["actions"])
+        assert len(steps) == 23 and len(set(steps)) == 1 and steps[0] in ("l", "j", "wl", "wj")
+        plain = world.make_clip(0, i, 24, 32, 32, 8, 16, wander=True)
+        assert len(set(cameras.parse_actions(plain["actions"]))) > 1  # a wandering path mixes its moves
+        assert torch.equal(plain["video"], world.make_clip(0, i, 24, 32, 32, 8, 16, wander=True, reveal=0.0)["video"])
