@@ -225,6 +225,19 @@ def setup_ddp(device=None):
         atexit.register(cleanup_ddp)  # however the stage ends, the process group goes with it
     return rank, local_rank, world_size, device
 
+def timesteps_problem(timesteps):
+    """What is wrong with a few-step sampler's --timesteps, in one line, or None: at least one, each in
+    (0, 1000] (sigma in (0, 1]), decreasing. Shared by infer.py, metric.py and the stages that take them."""
+    ts = list(timesteps)
+    if not ts:
+        return "--timesteps must list at least one timestep, e.g. 1000,750,500,250"
+    if not all(0 < t <= 1000 for t in ts):
+        return f"--timesteps must lie in (0, 1000] (sigma in (0, 1]), got {ts}"
+    if not all(a > b for a, b in zip(ts, ts[1:])):
+        return f"--timesteps must decrease, got {ts}"
+    return None
+
+
 def check_stage_config(cfg):
     """Refuse, in one line each, settings that cannot give a meaningful run (before anything is loaded)."""
     rules = {  # field: (test, what it must be)
@@ -246,6 +259,8 @@ def check_stage_config(cfg):
     for key, (ok, what) in rules.items():
         if hasattr(cfg, key) and not ok(getattr(cfg, key)):
             die(f"--{key}={getattr(cfg, key)} must be {what}")
+    if hasattr(cfg, "timesteps") and timesteps_problem(cfg.timesteps):  # the few-step stages (ode, cd, dmd)
+        die(timesteps_problem(cfg.timesteps))
     if not cfg.data and (cfg.height % 4 or cfg.width % 4):  # pixel codec x2, then the patch x2
         die(f"--height={cfg.height} --width={cfg.width}: the embedded world needs multiples of 4")
     if cfg.resume and cfg.overwrite:

@@ -43,7 +43,7 @@ class StreamConfig:
     text_emb: str = ""  # precomputed text embedding (.safetensors, first tensor, (L, D))
     vae: str = ""  # Wan VAE folder (AutoencoderKLWan) for checkpoints with 16-channel latents
     sampler: str = "few"  # few: x0 + re-noise over --timesteps | euler: --steps Euler steps
-    timesteps: tuple[int, ...] = (1000, 750, 500, 250)
+    timesteps: tuple[int, ...] = M.FEW_STEP_TIMESTEPS
     steps: int = 25
     shift: float = 1.0
     sink: int = M.STREAM_SINK  # latent frames always kept in the cache
@@ -72,10 +72,7 @@ def check_stream_config(cfg):
     checks = [
         (cfg.sampler in ("few", "euler"), f"--sampler must be few or euler, got {cfg.sampler!r}"),
         (cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}"),
-        (len(cfg.timesteps) >= 1, "--timesteps must list at least one timestep, e.g. 1000,750,500,250"),
-        (all(0 < t <= 1000 for t in cfg.timesteps), f"--timesteps must lie in (0, 1000] (sigma in (0, 1]), "
-                                                     f"got {list(cfg.timesteps)}"),
-        (all(a > b for a, b in zip(cfg.timesteps, cfg.timesteps[1:])), f"--timesteps must decrease, got {list(cfg.timesteps)}"),
+        (not common.timesteps_problem(cfg.timesteps), common.timesteps_problem(cfg.timesteps)),
         (math.isfinite(cfg.shift) and cfg.shift > 0, f"--shift must be a finite number > 0, got {cfg.shift}"),
         (cfg.sink >= 0, f"--sink must be at least 0, got {cfg.sink}"),
         (cfg.window >= 1, f"--window must be at least 1 frame, got {cfg.window}"),

@@ -151,6 +151,10 @@ CASES = [
     (["train_dmd.py", "--quick", "--ckpt={d}/dmd", "--anchor_frames=all", "--out_dir={d}/t"], "--anchor_frames=all must be"),
     (["train_ar.py", "--quick", "--context_sigma=-1", "--ckpt={d}/run/bidir", "--out_dir={d}/t"], "--context_sigma=-1.0 must be in [0, 1]"),
     (["train_ode.py", "--quick", "--ckpt={d}/dmd", "--ode_steps=7", "--out_dir={d}/t"], "does not put grid points"),
+    # the few-step stages took any --timesteps and trained a sampler no one asked for
+    (["train_cd.py", "--quick", "--ckpt={d}/dmd", "--timesteps=250,500", "--out_dir={d}/t"], "--timesteps must decrease"),
+    (["train_dmd.py", "--quick", "--ckpt={d}/dmd", "--timesteps=2000,1000", "--out_dir={d}/t"], "must lie in (0, 1000]"),
+    (["train_ode.py", "--quick", "--ckpt={d}/dmd", "--timesteps=", "--out_dir={d}/t"], "at least one timestep"),
     # tools
     (["metric.py", "plot", "{d}/run", "missing_name"], "training log not found"),
     (["metric.py", "table", "{d}/nowhere"], "no such folder"),
@@ -160,7 +164,7 @@ CASES = [
     (["metric.py", "long", "--first_clip=-1", "--ckpts={d}/dmd", "--out={d}/out/l"], "--first_clip >= 0"),
     (["metric.py", "long", "--ckpts={d}/dmd,{d}/dmd", "--out={d}/out/l"], "given twice"),
     (["metric.py", "long", "--context=dream", "--ckpts={d}/dmd", "--out={d}/out/l"], "--context one of own|truth|shown"),
-    (["metric.py", "long", "--timesteps=500,1000", "--ckpts={d}/dmd", "--out={d}/out/l"], "--timesteps decreasing"),
+    (["metric.py", "long", "--timesteps=500,1000", "--ckpts={d}/dmd", "--out={d}/out/l"], "--timesteps must decrease"),
     (["metric.py", "still", "--context=truth", "--ckpts={d}/dmd"], "--context is an oracle of long rollouts"),
     (["metric.py", "still", "--ckpts={d}/missing"], "no such file"),
     (["train_dmd.py", "--quick", "--warmup=5", "--out_dir={d}/t"], "--warmup does not apply to train_dmd.py"),
