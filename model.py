@@ -87,6 +87,9 @@ class ModelConfig:
 PRESETS = {
     # The embedded world: 32x32 frames -> pixel codec x2 -> 12 x 16 x 16 latents -> 8 x 8 tokens per frame.
     "tiny": dict(),
+    # the same world with a renderer ~3x larger (README, Long rollouts: what the tiny model draws from a perfect
+    # memory is the larger part of its long-rollout colour error); 3 heads keep head_dim 64 (inline PRoPE: 32 + 32)
+    "small": dict(dim=192, ffn_dim=768, num_heads=3, num_layers=6),
     "wan2.1-t2v-1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_channels=16,
                             out_channels=16, patch_size=(1, 2, 2), text_dim=4096, freq_dim=256, eps=1e-6,
                             image_cond=False, prope="none", chunk=4),

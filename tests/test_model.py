@@ -115,6 +115,19 @@ def test_real_shapes_on_meta():
     assert net.num_params() == 1_418_996_800 + 30 * (1536 * 1536 + 1536)
 
 
+def test_toy_presets_on_meta():
+    # the embedded world's two sizes: tiny (the shipped chain) and small (~3.2x the parameters; README, Long
+    # rollouts); both have 64-wide heads, half of each head's channels under inline PRoPE
+    counts = {}
+    for name in ("tiny", "small"):
+        cfg = M.make_config(name)
+        with torch.device("meta"):
+            counts[name] = M.DiT(cfg).num_params()
+        assert cfg.inline_prope_dim == cfg.head_dim // 2 and cfg.in_channels == 25
+    assert counts == {"tiny": 1_229_488, "small": 3_918_192}
+    assert M.make_config("small").head_dim == M.make_config("tiny").head_dim == 64
+
+
 def tiny(prope_mode, seed=0, **kw):
     torch.manual_seed(seed)
     cfg = M.ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, out_channels=4, in_channels=9,
