@@ -259,8 +259,9 @@ def check_stage_config(cfg):
     for key, (ok, what) in rules.items():
         if hasattr(cfg, key) and not ok(getattr(cfg, key)):
             die(f"--{key}={getattr(cfg, key)} must be {what}")
-    if hasattr(cfg, "timesteps") and timesteps_problem(cfg.timesteps):  # the few-step stages (ode, cd, dmd)
-        die(timesteps_problem(cfg.timesteps))
+    problem = timesteps_problem(cfg.timesteps) if hasattr(cfg, "timesteps") else None  # the few-step stages
+    if problem:
+        die(problem)
     if not cfg.data and (cfg.height % 4 or cfg.width % 4):  # pixel codec x2, then the patch x2
         die(f"--height={cfg.height} --width={cfg.width}: the embedded world needs multiples of 4")
     if cfg.resume and cfg.overwrite:

@@ -69,10 +69,11 @@ SMALL_MODEL = 50e6  # parameters: below it a CPU rollout runs on one thread
 
 def check_stream_config(cfg):
     """Refuse, in one line each, settings that cannot give a meaningful video (before loading anything)."""
+    timesteps_problem = common.timesteps_problem(cfg.timesteps)
     checks = [
         (cfg.sampler in ("few", "euler"), f"--sampler must be few or euler, got {cfg.sampler!r}"),
         (cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}"),
-        (not common.timesteps_problem(cfg.timesteps), common.timesteps_problem(cfg.timesteps)),
+        (not timesteps_problem, timesteps_problem),
         (math.isfinite(cfg.shift) and cfg.shift > 0, f"--shift must be a finite number > 0, got {cfg.shift}"),
         (cfg.sink >= 0, f"--sink must be at least 0, got {cfg.sink}"),
         (cfg.window >= 1, f"--window must be at least 1 frame, got {cfg.window}"),

@@ -578,8 +578,9 @@ def _check_long(cfg, name):
             or cfg.sink < 0 or cfg.draws < 1 or cfg.context not in LONG_CONTEXTS):
         common.die(f"metric.py {name}: give --ckpts=A,B,...; --frames >= {first}, --clips >= 1, --first_clip >= 0, "
                    f"--steps >= 1, --window >= 1, --sink >= 0, --draws >= 1, --context one of {'|'.join(LONG_CONTEXTS)}")
-    if common.timesteps_problem(cfg.timesteps):
-        common.die(f"metric.py {name}: {common.timesteps_problem(cfg.timesteps)}")
+    problem = common.timesteps_problem(cfg.timesteps)
+    if problem:
+        common.die(f"metric.py {name}: {problem}")
     names = [Path(p).name for p in paths]
     names = [os.path.normpath(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
     if len(set(names)) < len(names):
