@@ -26,7 +26,8 @@ import model as M
 class Config(common.StageConfig):
     preset: str = "tiny"  # model preset: model.PRESETS (Wan DiT) or mmdit.PRESETS (MMDiT, e.g. tiny-mmdit)
     init: str = ""  # base weights for model.load_pretrained; "" = from scratch
-    prope: str = "inline"  # inline (from scratch) | branch (fine-tuning a base) | none (camera-free base)
+    prope: str = "inline"  # from scratch: inline | branch | none; with --init a camera-free base gets a branch
+    #                        (none keeps it camera-free) and a checkpoint with PRoPE keeps its own
     name: str = "bidir"
     # batch 4: control emerges after a number of *updates*, so half the batch reaches it in ~half
     # the wall time (8k steps of batch 4 beat 10.4k of batch 8 here; README, Phase 1)
@@ -54,8 +55,13 @@ def main():
     # model: base weights + zero-init PRoPE branch, or from scratch
     if cfg.init:  # base weights (+ zero-init PRoPE branch, + zero-init image-condition channels)
         common.check_file(cfg.init, "--init checkpoint")
-        branch = "branch" if cfg.prope == "inline" else cfg.prope  # inline PRoPE is for models trained from scratch
-        net = M.enable_image_cond(common.or_die(M.load_pretrained, cfg.init, model_config=cfg.model_config, prope=branch))
+        net = common.or_die(M.load_pretrained, cfg.init, model_config=cfg.model_config)
+        # a checkpoint that has PRoPE (a Phase 1 run continued, e.g. on longer clips) keeps it as it is: forcing
+        # a branch onto an inline-PRoPE model would drop the cameras it learnt; a camera-free base gets the branch
+        if net.cfg.prope == "none" and cfg.prope != "none":
+            del net  # (an 8B base: never two copies at once)
+            net = common.or_die(M.load_pretrained, cfg.init, model_config=cfg.model_config, prope="branch")
+        net = M.enable_image_cond(net)
     else:
         net = common.or_die(lambda: M.build(M.make_config(cfg.preset, prope=cfg.prope)))  # the preset picks the class
     net.to(device)
