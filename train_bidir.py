@@ -7,10 +7,13 @@ preset (inline PRoPE: projective and RoPE channels share one attention).
 
     python train_bidir.py                          # tiny model on the procedural world (CPU, ~45 min)
     python train_bidir.py --quick                  # smoke size
+    python train_bidir.py --init=out/bidir --frames=16 --lr=3e-4 --min_lr=1e-4 --warmup=50 --max_steps=3000
+                                                   # Phase 1 continued on 16-frame clips (README, Long rollouts)
     torchrun --nproc_per_node=8 train_bidir.py --init=Wan2.1-T2V-1.3B/ --data=cache/ --preset=wan2.1-t2v-1.3b
     python train_bidir.py --preset=tiny-mmdit       # the HunyuanVideo-1.5-style MMDiT (mmdit.py) on the same world
     torchrun --nproc_per_node=8 train_bidir.py --init=HunyuanVideo-1.5/transformer/ --data=cache/ --fsdp
 """
+import os
 import time
 from dataclasses import dataclass
 
@@ -54,7 +57,8 @@ def main():
 
     # model: base weights + zero-init PRoPE branch, or from scratch
     if cfg.init:  # base weights (+ zero-init PRoPE branch, + zero-init image-condition channels)
-        common.check_file(cfg.init, "--init checkpoint")
+        if not (os.path.exists(cfg.init) or os.path.exists(cfg.init + ".safetensors")):  # a file, folder or minWM stem
+            common.die(f"--init checkpoint not found: {cfg.init}")
         net = common.or_die(M.load_pretrained, cfg.init, model_config=cfg.model_config)
         # a checkpoint that has PRoPE (a Phase 1 run continued, e.g. on longer clips) keeps it as it is: forcing
         # a branch onto an inline-PRoPE model would drop the cameras it learnt; a camera-free base gets the branch

@@ -86,7 +86,7 @@ def test_bidir_from_a_wan_layout_checkpoint(tmp_path):
 def test_bidir_continued_from_a_phase1_checkpoint_keeps_its_inline_prope(tmp_path):
     # Phase 1 continued (e.g. on longer clips) from the shipped tiny teacher: its inline PRoPE, which has no
     # parameters, must stay; a zero-initialized branch forced on top would silently drop the learnt cameras
-    r = run(["train_bidir.py", "--quick", "--max_steps=2", "--init=assets/bidir.safetensors", f"--out_dir={tmp_path}/o"])
+    r = run(["train_bidir.py", "--quick", "--max_steps=2", "--init=assets/bidir", f"--out_dir={tmp_path}/o"])  # a stem, as --ckpt
     assert r.returncode == 0, r.stderr[-2000:]
     ck, init = common.load_checkpoint(f"{tmp_path}/o/bidir"), common.load_checkpoint("assets/bidir")
     assert ck["meta"]["model"]["prope"] == init["meta"]["model"]["prope"] == "inline"
