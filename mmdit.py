@@ -309,6 +309,7 @@ class DoubleBlock(nn.Module):
     per-head RMS qk-norm, output projection, MLP) and meet in one attention; gated residuals. RoPE and
     PRoPE act on the image tokens only. WorldPlay adds the PRoPE branch: a parallel attention of the
     projective image q/k/v whose output enters through the zero-initialized img_attn_prope_proj."""
+    PROPE_PROJ = "img_attn_prope_proj"  # model.enable_prope_branch adds it to a camera-free HY1.5
 
     def __init__(self, cfg):
         super().__init__()
@@ -325,9 +326,7 @@ class DoubleBlock(nn.Module):
         self.txt_attn_proj = nn.Linear(D, D)
         self.txt_mlp = MLP(D, hidden, nn.GELU(approximate="tanh"))
         if cfg.prope == "branch":
-            self.img_attn_prope_proj = nn.Linear(D, D)
-            nn.init.zeros_(self.img_attn_prope_proj.weight)  # at step 0 the fine-tuned model == the base model
-            nn.init.zeros_(self.img_attn_prope_proj.bias)
+            self.img_attn_prope_proj = M.zero_linear(D)  # at step 0 the fine-tuned model == the base model
 
     def image_qkv(self, img, mod, pos):
         """Modulated image tokens -> q, k, v (B, H, N, d) after RoPE / inline PRoPE, and the branch's (q, k, v)."""

@@ -326,7 +326,17 @@ class KVCache:
         self.frames_written += n_frames
 
 
+def zero_linear(d):
+    """nn.Linear(d, d) at zero: the PRoPE branch's output projection, a path that adds nothing until trained."""
+    lin = nn.Linear(d, d)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
 class SelfAttention(nn.Module):
+    PROPE_PROJ = "prope_proj"  # where the PRoPE branch's output projection lives (enable_prope_branch)
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -334,9 +344,7 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(d, eps=cfg.eps), RMSNorm(d, eps=cfg.eps)  # across heads
         if cfg.prope == "branch":
-            self.prope_proj = nn.Linear(d, d)
-            nn.init.zeros_(self.prope_proj.weight)  # at step 0 the fine-tuned model == the base model
-            nn.init.zeros_(self.prope_proj.bias)
+            self.prope_proj = zero_linear(d)  # at step 0 the fine-tuned model == the base model
 
     def forward(self, x, pos, layer=0):
         # x: (B, N, dim); pos: per-forward geometry (rope tables, PRoPE matrices, mask, cache)
@@ -733,6 +741,29 @@ def enable_image_cond(model):
     return model
 
 
+@torch.no_grad()
+def enable_prope_branch(model):
+    """Give a camera-free base model (prope "none": Wan2.1, HunyuanVideo-1.5) the PRoPE branch in place.
+
+    The branch is a parallel attention of the projective q/k/v (computed from the weights the model has)
+    whose output enters through a zero-initialized projection per block (the DiT's self_attn.prope_proj,
+    the MMDiT's img_attn_prope_proj: each attention class names its own in PROPE_PROJ), so the model equals
+    the base exactly until training moves it. A model that already has PRoPE is returned as it is.
+    """
+    cfg = model.cfg
+    if cfg.prope != "none":
+        return model
+    if cfg.head_dim % 4:  # the projective transform acts on 4-vectors of each head's channels
+        raise ValueError(f"PRoPE needs head_dim % 4 == 0, got {cfg.head_dim}")
+    cfg.prope = "branch"
+    for m in model.modules():
+        name = getattr(type(m), "PROPE_PROJ", None)
+        if name:
+            ref = next(m.parameters())
+            setattr(m, name, zero_linear(cfg.dim).to(device=ref.device, dtype=ref.dtype))
+    return model
+
+
 # ----------------------------------------------------------------------------------------------
 # 6. loading real checkpoints: Wan2.1 original / diffusers layouts, shards, minWM, CausVid-lineage .pt
 
@@ -912,7 +943,8 @@ def load_pretrained(path, use_ema=True, device="cpu", model_config=None, **overr
     generator; read with weights_only=True). The model config comes from the weights themselves (minWM
     writes it into every file), NAME.json beside them, a diffusers config.json, or the shapes of a Wan
     release; model_config (a --model_config JSON file) supplies it for weights that carry none.
-    overrides: ModelConfig fields, e.g. prope="branch" to add a zero-initialized PRoPE branch to a base model.
+    overrides: ModelConfig fields, e.g. prope="branch" to build a base model with a zero-initialized PRoPE
+    branch (enable_prope_branch adds it to a model already loaded).
     A HunyuanVideo-1.5 or HY-WorldPlay file (original or diffusers names) gives an mmdit.MMDiT.
     """
     sd, cfg_json, kind = _read_weights(str(path))

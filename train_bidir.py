@@ -62,9 +62,8 @@ def main():
         net = common.or_die(M.load_pretrained, cfg.init, model_config=cfg.model_config)
         # a checkpoint that has PRoPE (a Phase 1 run continued, e.g. on longer clips) keeps it as it is: forcing
         # a branch onto an inline-PRoPE model would drop the cameras it learnt; a camera-free base gets the branch
-        if net.cfg.prope == "none" and cfg.prope != "none":
-            del net  # (an 8B base: never two copies at once)
-            net = common.or_die(M.load_pretrained, cfg.init, model_config=cfg.model_config, prope="branch")
+        if cfg.prope != "none":
+            net = common.or_die(M.enable_prope_branch, net)
         net = M.enable_image_cond(net)
     else:
         net = common.or_die(lambda: M.build(M.make_config(cfg.preset, prope=cfg.prope)))  # the preset picks the class

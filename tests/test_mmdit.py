@@ -186,6 +186,24 @@ def test_prope_invariance_to_world_frame(mode):
             assert ((b - net(x, t, ctx, moved)).norm() / b.norm()) > 1e-3
 
 
+def test_enable_prope_branch_on_hy15_equals_a_model_built_with_it():
+    # HunyuanVideo-1.5 is camera-free; Phase 1 from it adds WorldPlay's branch in place (train_bidir --init)
+    net = randomize(tiny("none", action=False), seed=4)
+    x, t, ctx, cams = inputs()
+    with torch.no_grad():
+        base = net(x, t, ctx, cams)
+        assert M.enable_prope_branch(net) is net and net.cfg.prope == "branch"
+        assert torch.equal(net(x, t, ctx, cams), base)
+        built = tiny("branch", action=False)
+        assert set(net.state_dict()) == set(built.state_dict())
+        for block in net.double_blocks:
+            block.img_attn_prope_proj.weight.normal_(0, 0.3)
+        built.load_state_dict(net.state_dict())
+        got = net(x, t, ctx, cams)
+        assert (got - built(x, t, ctx, cams)).abs().max() < 1e-6
+        assert (got - base).abs().max() > 1e-3
+
+
 def test_branch_and_action_exact_at_init():
     net = tiny("branch", action=True, prope_text=True)
     x, t, ctx, cams = inputs()

@@ -172,6 +172,28 @@ def test_branch_is_exact_at_init_and_reaches_output_when_nonzero():
         assert (net(x, t, ctx, cams) - net(x, t, ctx, None)).abs().max() > 1e-3
 
 
+def test_enable_prope_branch_on_a_camera_free_base_equals_a_model_built_with_it():
+    # Phase 1 from a camera-free base (Wan2.1) adds the branch in place (train_bidir --init): exact at init,
+    # and once its projections have weights, the same function as a DiT built with prope="branch"
+    net = tiny("none", seed=4)
+    x, t, ctx, cams = inputs()
+    with torch.no_grad():
+        base = net(x, t, ctx, cams)
+        assert M.enable_prope_branch(net) is net and net.cfg.prope == "branch"
+        assert torch.equal(net(x, t, ctx, cams), base)
+        built = tiny("branch", seed=9)
+        assert set(net.state_dict()) == set(built.state_dict())
+        for block in net.blocks:
+            block.self_attn.prope_proj.weight.normal_(0, 0.3)
+        built.load_state_dict(net.state_dict())
+        got = net(x, t, ctx, cams)
+        assert (got - built(x, t, ctx, cams)).abs().max() < 1e-6
+        assert (got - base).abs().max() > 1e-3  # the new branch reaches the output
+    inline = tiny("inline", seed=4)  # a model that has PRoPE keeps it: nothing added
+    keys = set(inline.state_dict())
+    assert M.enable_prope_branch(inline).cfg.prope == "inline" and set(inline.state_dict()) == keys
+
+
 def test_branch_in_one_call_equals_two_attentions():
     """The PRoPE branch rides as H more heads of the main SDPA call; written out as two calls, the same."""
     net = tiny("branch", seed=2)
