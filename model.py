@@ -643,7 +643,8 @@ def generate_chunk(model, cache, noise, start, context, cameras=None, cond=None,
 
     renoise=False: Euler steps (many-step sampling of the AR diffusion model); renoise=True: the
     few-step sampler - predict x0, re-noise to the next sigma with fresh noise (Stages 2-3). Then the
-    clean chunk is re-run once at t = 0 with commit=True so it becomes context for the next chunks.
+    clean chunk (the first one with the given image as frame 0: given_first) is re-run once at t = 0 with
+    commit=True so it becomes context for the next chunks.
     commit_frames: latents (B, C, f, h, w) committed in its place (an oracle of the cache: metric.py long --context).
     """
     x = noise
@@ -656,7 +657,19 @@ def generate_chunk(model, cache, noise, start, context, cameras=None, cond=None,
             x = add_noise(x0, eps, s_next)
         else:
             x = x + (s_next - s) * v
+    x = given_first(x, cond, start)
     commit(model, cache, x if commit_frames is None else commit_frames, start, context, cameras, cond, generator)
+    return x
+
+
+def given_first(x, cond, start):
+    """A chunk that starts the video (start 0) with frame 0 set to the given image's latent, the first C channels
+    of its condition (image_cond): the cache's sink then remembers the image itself, as teacher forcing's
+    context did, not the model's reproduction of it (the shipped `dmd`'s is 0.014 off in colour). x: (B, C, f, h, w)."""
+    if start > 0 or cond is None:  # T2V checkpoints have no given image
+        return x
+    x = x.clone()
+    x[:, :, 0] = cond[:, :x.shape[1], 0]
     return x
 
 

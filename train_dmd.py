@@ -114,6 +114,7 @@ def self_rollout(student, noise, text, cams, first, sigmas, exit_step, generator
         # than writing the chunk into it, since a later in-place write would change tensors autograd saved
         with torch.set_grad_enabled(grad and start >= grad_from):
             x0 = x - s * student(x, M.timestep(s, B, x.device), text, c_cams, cond, cache=cache, frame_offset=start)
+        x0 = M.given_first(x0, cond, start)  # frame 0 is the given image, as at inference
         with torch.no_grad():  # the chunk becomes context as at inference (model.commit), no gradient
             M.commit(student, cache, x0.detach(), start, text, c_cams, cond, generator)
         out.append(x0)

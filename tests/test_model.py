@@ -277,6 +277,28 @@ def test_windowed_cache_rollout_equals_windowed_teacher_forcing(sink, window):
         assert (full - tf).abs().max() > 1e-3  # the window does cut the context
 
 
+def test_rollout_remembers_the_given_first_frame_not_its_reproduction():
+    # frame 0 is given (image_cond): teacher forcing trains every chunk on the image itself as context, so the
+    # rollout's cache must hold the image, not the model's reproduction of it (which is never exact)
+    net = tiny("inline", seed=5)
+    B, F = 2, 4
+    g = torch.Generator().manual_seed(6)
+    first, noise = torch.randn(B, 4, 4, 4, generator=g), torch.randn(B, 4, F, 4, 4, generator=g)
+    ctx, cams = torch.randn(B, 3, 8, generator=g), random_cameras(B, F, g)
+    cond = M.image_cond(first, F)
+    one_step = [1.0, 0.0]  # one Euler step: a chunk is noise - v
+    with torch.no_grad():
+        x = M.sample_ar(net, noise, ctx, cams, cond, one_step, sink=1, window=8)
+        assert torch.equal(x[:, :, 0], first)
+        t = torch.full((B, F), 1000.0)
+        own = noise[:, :, :2] - net(noise[:, :, :2], t[:, :2], ctx, cams.frames(0, 2), cond[:, :, :2])  # chunk 0, drawn
+        assert (own[:, :, 1] - x[:, :, 1]).abs().max() < 1e-5 and (own[:, :, 0] - first).abs().max() > 1e-2
+        for frame0, agrees in ((first, True), (own[:, :, 0], False)):
+            clean = torch.cat([frame0[:, :, None], x[:, :, 1:]], 2)  # chunk 0 as the cache should hold it
+            want = noise[:, :, 2:] - net(noise, t, ctx, cams, cond, clean=clean)[:, :, 2:]
+            assert ((x[:, :, 2:] - want).abs().max() < 1e-4) == agrees
+
+
 def test_cache_attends_to_what_it_holds_without_a_mask():
     net = tiny("inline")
     cache = net.new_cache(1, 4, 4, sink=1, window=64)
