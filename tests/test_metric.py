@@ -108,6 +108,26 @@ def test_long_report_draws_average_noise_draws_and_draw_0_is_the_one_draw_run(tm
     assert not np.array_equal(png[96::3, 60 + 96::3], frame7)  # the model's row is its own rollout
 
 
+def test_long_report_scores_a_phase1_teacher_on_its_whole_clip_from_the_given_frame(tmp_path):
+    """A Phase 1 checkpoint is not streamed: it samples its whole clip at once (--steps Euler steps), frame 0 the
+    given image's latent, as the AR rows' first chunk has it; its row beside theirs is the teacher's own drawing."""
+    import model as M
+    from prope import Cameras
+    out = str(tmp_path / "t")
+    metric.long_report(metric.LongConfig(ckpts="assets/bidir", clips=1, frames=8, steps=2, out=out))
+    got = json.load(open(out + ".json"))["per_frame"]["bidir"]
+    clips, codec = metric.long_clips(1, 8, 32, 32, 64, 16), data.PixelCodec(2)
+    x0 = codec.encode(clips["video"][:, :, :1])  # (1, C, 1, h, w)
+    noise = torch.randn((1, x0.shape[1], 8, *x0.shape[-2:]), generator=torch.Generator().manual_seed(0))
+    net, cond = M.load_pretrained("assets/bidir").eval(), M.image_cond(x0[:, :, 0], 8)
+    with torch.no_grad():
+        lat = M.sample_bidir(net, noise, clips["text"], Cameras(clips["w2c"], clips["K"]), cond, M.euler_sigmas(2))
+    own = metric.frame_scores(codec.decode(lat).clamp(-1, 1), clips["video"])
+    assert got["psnr"][0] > 90 and own["psnr"][0] < 60  # frame 0 is the given image, not the teacher's redrawing
+    assert np.allclose(got["colour"][1:], own["colour"][1:].numpy(), atol=1e-6)  # the rest: the 2-step whole clip
+    assert np.allclose(got["psnr"][1:], own["psnr"][1:].numpy(), atol=1e-4)
+
+
 def test_long_report_two_runs_checkpoints_of_one_name_get_a_row_each(tmp_path):
     import shutil
     for run in ("a", "b"):  # two runs' checkpoints named alike, as every run names its own
