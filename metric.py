@@ -542,9 +542,9 @@ class LongConfig:
     device: str = ""
 
 
-def streaming_sampler(path, cfg, device):
+def streaming_sampler(path, cfg, device, guidance=1.0):
     """A checkpoint's streaming sampler, as infer.py runs it (cfg: sink, window, steps, context_sigma); a Phase 1
-    checkpoint's whole-clip sampler (cfg.steps Euler steps, its clip length at most):
+    checkpoint's whole-clip sampler (cfg.steps Euler steps, its clip length at most; text CFG `guidance`):
     (net, its training config (height, width, text_len), sample(noise, text, cameras, first, seed=0) -> latents;
     seed: the noise drawn inside the rollout (re-noising, commits))."""
     net = common.or_die(M.load_pretrained, path).to(device).eval()
@@ -562,7 +562,8 @@ def streaming_sampler(path, cfg, device):
 
         def sample_clip(noise, text, cams, first, seed=0):
             cond = M.image_cond(first, noise.shape[2])
-            return M.given_first(M.sample_bidir(net, noise, text, cams, cond, M.euler_sigmas(cfg.steps)), cond, 0)
+            return M.given_first(M.sample_bidir(net, noise, text, cams, cond, M.euler_sigmas(cfg.steps),
+                                                guidance=guidance), cond, 0)
         return net, trained, sample_clip
     sigmas = M.euler_sigmas(cfg.steps) if stage == "ar" else M.few_step_sigmas(cfg.timesteps)
 
@@ -695,11 +696,7 @@ def reveal_report(cfg):
     for path in paths:
         name = "/".join(Path(path).parts[-2:])  # run folder and checkpoint: runs name theirs alike (bidir, dmd)
         stream = dataclasses.replace(LongConfig(), steps=cfg.steps, frames=cfg.frames, device=cfg.device)
-        net, trained, sample = streaming_sampler(path, stream, device)
-        if json.load(open(common.stem_of(path) + ".json")).get("stage") == "bidir":  # whole clip, with CFG
-            sample = lambda noise, text, cams, first: M.sample_bidir(
-                net, noise, text, cams, M.image_cond(first, noise.shape[2]), M.euler_sigmas(cfg.steps),
-                guidance=cfg.guidance)
+        net, trained, sample = streaming_sampler(path, stream, device, guidance=cfg.guidance)  # Phase 1: whole clip
         clips = reveal_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len)
         x0 = codec.encode(clips["video"])
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
