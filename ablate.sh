@@ -27,7 +27,8 @@ done
 OUT="${OUT:-$([ -n "$QUICK" ] && echo ablate_quick || echo ablate)}"
 if [ -n "$QUICK" ]; then  # smoke size: the numbers mean nothing, the code paths are all exercised
   STEPS=80 EVAL=40 BASE=(--eval_clips=8 --sample_steps=10 --warmup=10 --ema_warmup=10 --save_every=1000)
-else  # the default Phase 1 recipe (train_bidir.py): batch 4, 9,000 steps, control measured every 1,000
+else  # the default Phase 1 recipe (train_bidir.py) at the 9,000 steps it had when these ran (17,000 now): batch 4,
+  #     control measured every 1,000
   STEPS=9000 EVAL=1000 BASE=(--save_every=1000)
 fi
 SAMPLES=$((4 * STEPS))  # the default run's samples seen

@@ -21,6 +21,7 @@ measured the same way, each with its own sampler (`metric_fns`):
     python metric.py table OUT_DIR                  # the results table of every stage in OUT_DIR
     python metric.py plot OUT_DIR NAME              # the control metric along training (PNG)
     python metric.py compare OUT.png CKPT [CKPT...] # held-out frames: the truth, then each checkpoint
+    python metric.py control --ckpts=assets/ar,assets/dmd   # the control metric of checkpoints (a table row each)
     python metric.py long --ckpts=assets/ar,assets/dmd --frames=512   # long rollouts vs the exact truth
     python metric.py ablation OUT_DIR               # ablate.sh's five tables -> OUT_DIR/ablation.md
 
@@ -222,6 +223,55 @@ def format_metric(m):
             f"{gaps} | sharpness {m['sharpness']:.2f}")
 
 
+@dataclass
+class ControlConfig:
+    """python metric.py control --ckpts=A,B,...: the control metric of checkpoints, as their training runs log it."""
+    ckpts: str = "assets/bidir,assets/ar,assets/ode,assets/cd,assets/dmd32,assets/dmd"  # comma-separated checkpoints
+    clips: int = 0  # held-out clips (eval_clips); 0 = each checkpoint's run's (--eval_clips: 16 unless --quick)
+    out: str = ""  # also write the table to OUT.md and each checkpoint's held-out clips, generated | truth, to
+    #                OUT_NAME_sample.gif (as a training run's NAME_sample.gif)
+    device: str = ""
+
+
+def control_report(cfg):
+    """The control metric of each checkpoint of cfg.ckpts with its stage's own sampler, on the held-out clips
+    its training run measured (the same clips, noise and sampler as `report`): a results-table row from the
+    file alone, for a checkpoint whose run log is gone. Run time is not known from the file ("–").
+    Returns {row name: dict(sampler, eval=the metric)}."""
+    if not [p for p in cfg.ckpts.split(",") if p] or cfg.clips < 0:
+        common.die("metric.py control: give --ckpts=A,B,... and --clips >= 0")
+    device, rows = common.device_of(cfg.device), [RESULTS_HEAD, "|" + " --- |" * (RESULTS_HEAD.count("|") - 1)]
+    results = {}
+    for name, path in _ckpt_names([p for p in cfg.ckpts.split(",") if p], "control").items():
+        net = common.or_die(M.load_pretrained, path).to(device).eval()  # the EMA weights, as `report` scores
+        meta = common.or_die(common.load_checkpoint, path, load_opt=False)["meta"]
+        stage, run = meta.get("stage"), common.StageConfig(**{  # the run's settings the metric depends on
+            k: v for k, v in meta.get("config", {}).items() if k in ("frames", "height", "width", "eval_frames",
+                                                                      "eval_clips", "shift")})
+        c = meta.get("config", {})
+        if stage in ("bidir", "ar"):  # the many-step samplers: whole clip, or chunk by chunk through the cache
+            sigmas, renoise = M.euler_sigmas(c.get("sample_steps", 25), run.shift), False
+            sampler = f"{len(sigmas) - 1} Euler" + (", whole clip" if stage == "bidir" else " steps / chunk, KV cache")
+        else:  # Stage 2 and 3 students: the few-step sampler with re-noising (infer.py's)
+            sigmas, renoise = M.few_step_sigmas(c.get("timesteps", M.FEW_STEP_TIMESTEPS), run.shift), True
+            sampler = f"{len(sigmas) - 1} renoise steps / chunk, KV cache"
+        clips = eval_clips(cfg.clips or run.eval_clips, run.eval_frames or run.frames, run.height, run.width,
+                           net.cfg.text_dim, common.input_text_len(path))
+        gif = f"{cfg.out}_{name.replace(os.sep, '_')}_sample.gif" if cfg.out else None  # as a run's NAME_sample.gif
+        if gif:
+            os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+        m = control_metric(*metric_fns(net, "bidir" if stage == "bidir" else "ar", sigmas, renoise), data.PixelCodec(2),
+                           clips, device=device, gif_path=gif)
+        common.log(f"{path}: {format_metric(m)}")
+        rows.append(_table_row(name, sampler, meta.get("step", "–"), "–", m))
+        results[name] = dict(sampler=sampler, eval=m)
+    table = "\n".join(rows)
+    if cfg.out:
+        common.atomic_write(cfg.out + ".md", lambda p: Path(p).write_text(table + "\n"))
+    print(table)
+    return results
+
+
 # ----------------------------------------------------------------------------------------------
 # long rollouts: does the world hold together for hundreds of frames?
 
@@ -332,11 +382,13 @@ def _run_time(lines):
     return sum(a for a, b in zip(timed, timed[1:] + [0.0]) if b < a)
 
 
+RESULTS_HEAD = ("| stage | sampler | steps | run time | PSNR | control margin (clips won) | oracle margin | "
+                "margin/oracle | loss gap σ=.5 / .9 | gain over static | sharpness |")
+
+
 def results_table(out_dir, stages=("bidir", "ar", "ode", "cd", "dmd32", "dmd")):
     """Markdown table of each stage's last control metric (from OUT/NAME.metrics.jsonl) and run time."""
-    head = ("| stage | sampler | steps | run time | PSNR | control margin (clips won) | oracle margin | "
-            "margin/oracle | loss gap σ=.5 / .9 | gain over static | sharpness |")
-    rows = [head, "|" + " --- |" * (head.count("|") - 1)]
+    rows = [RESULTS_HEAD, "|" + " --- |" * (RESULTS_HEAD.count("|") - 1)]
     samplers = {"bidir": "25 Euler, whole clip", "ar": "25 Euler / chunk, KV cache",  # logs written before
                 "bidir_as_ar": "25 Euler / chunk, KV cache", "teacher_4step_euler": "4 Euler / chunk, KV cache"}
     for name in stages:
@@ -347,14 +399,17 @@ def results_table(out_dir, stages=("bidir", "ar", "ode", "cd", "dmd32", "dmd")):
         timed, run_time = any("time" in x for x in lines), _run_time(lines)
         for model in dict.fromkeys(x.get("model", name) for x in lines if "eval" in x):
             ev = [x for x in lines if "eval" in x and x.get("model", name) == model][-1]
-            m = ev["eval"]
             label = model if model == name else f"{name}: baseline {model}"
-            rows.append(f"| {label} | {ev.get('sampler') or samplers.get(model, '4 renoise steps / chunk, KV cache')} | {ev['step']} | "
-                        f"{run_time / 60:.0f} min | {m['psnr']:.2f} dB | {m['control_margin']:+.2f} dB "
-                        f"({m['margin_wins']:.0%}) | {m['oracle_margin']:+.2f} dB | {_ratio(m)} | "
-                        f"{m['loss_gap@0.5']:+.0%} / {m['loss_gap@0.9']:+.0%} | {m['gain_static']:+.2f} dB | "
-                        f"{m['sharpness']:.2f} |" if timed else "")
+            sampler = ev.get('sampler') or samplers.get(model, '4 renoise steps / chunk, KV cache')
+            rows.append(_table_row(label, sampler, ev['step'], f"{run_time / 60:.0f} min", ev["eval"]) if timed else "")
     return "\n".join(r for r in rows if r)
+
+
+def _table_row(label, sampler, step, run_time, m):
+    """One row of the results table (RESULTS_HEAD) from a control metric m."""
+    return (f"| {label} | {sampler} | {step} | {run_time} | {m['psnr']:.2f} dB | {m['control_margin']:+.2f} dB "
+            f"({m['margin_wins']:.0%}) | {m['oracle_margin']:+.2f} dB | {_ratio(m)} | "
+            f"{m['loss_gap@0.5']:+.0%} / {m['loss_gap@0.9']:+.0%} | {m['gain_static']:+.2f} dB | {m['sharpness']:.2f} |")
 
 
 def plot_control(out_dir, name, path=None, size=(520, 300)):
@@ -583,8 +638,7 @@ def streamed_as(name, cfg):
 
 
 def _check_long(cfg, name):
-    """The checkpoints of cfg.ckpts as {row name: path}: each file's name, or the path as given where two
-    share one (runs name their checkpoints alike: A/dmd, B/dmd); bad settings stop with one line."""
+    """The checkpoints of cfg.ckpts as {row name: path} (_ckpt_names); bad settings stop with one line."""
     paths = [p for p in cfg.ckpts.split(",") if p]
     first = LONG_SEGMENTS[0][1]  # the frames the first segment of the table needs
     if (not paths or cfg.frames < first or cfg.clips < 1 or cfg.first_clip < 0 or cfg.steps < 1 or cfg.window < 1
@@ -594,10 +648,16 @@ def _check_long(cfg, name):
     problem = common.timesteps_problem(cfg.timesteps)
     if problem:
         common.die(f"metric.py {name}: {problem}")
+    return _ckpt_names(paths, name)
+
+
+def _ckpt_names(paths, command):
+    """{row name: path}: each file's name, or the path as given where two share one (runs name their
+    checkpoints alike: A/dmd, B/dmd); the same checkpoint twice stops with one line."""
     names = [Path(p).name for p in paths]
     names = [os.path.normpath(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
     if len(set(names)) < len(names):
-        common.die(f"metric.py {name}: a checkpoint is given twice in --ckpts={cfg.ckpts}")
+        common.die(f"metric.py {command}: a checkpoint is given twice in --ckpts={','.join(paths)}")
     return dict(zip(names, paths))
 
 
@@ -856,11 +916,13 @@ if __name__ == "__main__":
         print(tables)
     elif len(sys.argv) >= 2 and sys.argv[1] == "long":
         long_report(common.parse_config(LongConfig, sys.argv[2:]))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "control":
+        control_report(common.parse_config(ControlConfig, sys.argv[2:]))
     elif len(sys.argv) >= 2 and sys.argv[1] == "still":
         still_report(common.parse_config(StillConfig, sys.argv[2:]))
     elif len(sys.argv) >= 2 and sys.argv[1] == "reveal":
         reveal_report(common.parse_config(RevealConfig, sys.argv[2:]))
     else:
         common.die("usage: python metric.py table OUT_DIR | python metric.py plot OUT_DIR NAME | "
-                   "python metric.py compare OUT.png CKPT [CKPT ...] | python metric.py long|still|reveal [--ckpts=A,B ...] | "
+                   "python metric.py compare OUT.png CKPT [CKPT ...] | python metric.py control|long|still|reveal [--ckpts=A,B ...] | "
                    "python metric.py ablation OUT_DIR")

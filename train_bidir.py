@@ -5,7 +5,7 @@ concat) and the cameras (PRoPE). From base weights (`--init=PATH`, e.g. Wan2.1, 
 zero-initialized PRoPE branch so that step 0 equals the base model) or from scratch for the tiny
 preset (inline PRoPE: projective and RoPE channels share one attention).
 
-    python train_bidir.py                          # tiny model on the procedural world (CPU, ~45 min)
+    python train_bidir.py                          # tiny model on the procedural world (idle 2-core CPU, ~100 min)
     python train_bidir.py --quick                  # smoke size
     python train_bidir.py --init=out/bidir --frames=16 --lr=3e-4 --min_lr=1e-4 --warmup=50 --max_steps=3000
                                                    # Phase 1 continued on 16-frame clips (README, Long rollouts)
@@ -35,7 +35,9 @@ class Config(common.StageConfig):
     # batch 4: control emerges after a number of *updates*, so half the batch reaches it in ~half
     # the wall time (8k steps of batch 4 beat 10.4k of batch 8 here; README, Phase 1)
     batch_size: int = 4
-    max_steps: int = 9000
+    # 17,000: the 9,000 of the first default left control and colour still climbing; one schedule of 17,000 gave
+    # every later stage a larger margin and truer colours (README, Long rollouts: "One schedule of 17,000 steps")
+    max_steps: int = 17000
     lr: float = 1e-3
     min_lr: float = 3e-4
     warmup: int = 200

@@ -1,5 +1,6 @@
 """metric.py: the control metric on synthetic models, the results table on fake logs, the comparison picture."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 import data
 import metric
 import world
+from helpers import run
 
 
 def clips_and_codec(n=3, frames=4, size=16):
@@ -45,6 +47,29 @@ def test_results_table_reads_the_last_eval_of_each_model(tmp_path):
     assert len(table) == 4
     assert table[2].startswith("| ar: baseline bidir_as_ar | 25 Euler steps / chunk, KV cache | 0 | 2 min | 15.00 dB")
     assert table[3].startswith("| ar | 25 Euler / chunk, KV cache | 30 | 2 min | 20.00 dB | +1.00 dB (75%)")
+
+
+def test_control_command_scores_a_checkpoint_as_its_training_run_logged(tmp_path):
+    """metric.py control gives, from a checkpoint alone, the control metric its run logged at its last step
+    (the same held-out clips, noise and sampler, the EMA weights): a Phase 1 run (whole clip), Stage 1 (many
+    Euler steps through the cache) and Stage 2b (the few-step sampler)."""
+    d = str(tmp_path)
+    for args in (["train_bidir.py"], ["train_ar.py", f"--ckpt={d}/bidir"], ["train_cd.py", f"--ckpt={d}/ar"]):
+        r = run(args + ["--quick", f"--out_dir={d}"])
+        assert r.returncode == 0, r.stderr[-2000:]
+    got = metric.control_report(metric.ControlConfig(ckpts=f"{d}/bidir,{d}/ar,{d}/cd", out=f"{d}/control"))
+    for name in ("bidir", "ar", "cd"):
+        logged = [json.loads(x) for x in open(f"{d}/{name}.metrics.jsonl") if '"eval"' in x]
+        last = [x for x in logged if x.get("model", name) == name][-1]
+        assert last["step"] == 6 and got[name]["sampler"] == last["sampler"]
+        assert os.path.getsize(f"{d}/control_{name}_sample.gif") > 0
+        for k, v in last["eval"].items():  # a nan (margin/oracle where the oracle margin is not positive) is logged null
+            assert got[name]["eval"][k] == pytest.approx(float("nan") if v is None else v, rel=1e-5, abs=1e-6,
+                                                         nan_ok=True), (name, k)
+    rows = open(f"{d}/control.md").read().splitlines()
+    assert [r.split(" | ")[:3] for r in rows[2:]] == [["| bidir", "3 Euler, whole clip", "6"],
+                                                      ["| ar", "3 Euler steps / chunk, KV cache", "6"],
+                                                      ["| cd", "4 renoise steps / chunk, KV cache", "6"]]
 
 
 def test_compare_png_shows_the_truth_then_each_checkpoint(tmp_path):

@@ -303,16 +303,21 @@ def png(tmp_path):
 
 
 def test_infer_bf16_weights_give_nearly_the_fp32_video(tmp_path):
+    """bf16 weights draw the fp32 video up to rounding: every generated frame at most half as far from it as the
+    same model's video from other noise (--seed=1; the shipped dmd: 2.0-2.4 against 6.5-7.8 of 255), so the bound
+    does not depend on which model is shipped."""
     import imageio.v2 as imageio
     import numpy as np
     videos = []
-    for dtype in ("fp32", "bf16"):
-        r = run(["infer.py", "--actions=w*3,l*2", f"--dtype={dtype}", f"--out={tmp_path}/{dtype}.mp4"])
+    for name, flags in (("fp32", []), ("bf16", ["--dtype=bf16"]), ("seed1", ["--seed=1"])):
+        r = run(["infer.py", "--actions=w*3,l*2", *flags, f"--out={tmp_path}/{name}.mp4"])
         assert r.returncode == 0, r.stderr[-800:]
-        videos.append(np.stack(imageio.mimread(tmp_path / f"{dtype}.gif")).astype(float))
+        videos.append(np.stack(imageio.mimread(tmp_path / f"{name}.gif")).astype(float))
     assert videos[0].shape == videos[1].shape == (6, 256, 256, 3)
-    diff = np.abs(videos[0] - videos[1])
-    assert 0 < diff.mean() < 3 and diff[1].mean() < 2  # bf16 rounding, not another video (0..255 scale)
+    rounding = np.abs(videos[0] - videos[1]).mean(axis=(1, 2, 3))  # (6,) per frame, 0..255 scale
+    other = np.abs(videos[0] - videos[2]).mean(axis=(1, 2, 3))
+    assert rounding[0] == other[0] == 0  # frame 0 is the given image
+    assert 0 < rounding.mean() < 3 and (rounding[1:] < other[1:] / 2).all(), (rounding, other)
 
 
 def test_dmd_window_is_scored_given_the_true_or_its_own_first_frame():
