@@ -238,22 +238,22 @@ def control_report(cfg):
     its training run measured (the same clips, noise and sampler as `report`): a results-table row from the
     file alone, for a checkpoint whose run log is gone. Run time is not known from the file ("–").
     Returns {row name: dict(sampler, eval=the metric)}."""
-    if not [p for p in cfg.ckpts.split(",") if p] or cfg.clips < 0:
+    paths = [p for p in cfg.ckpts.split(",") if p]
+    if not paths or cfg.clips < 0:
         common.die("metric.py control: give --ckpts=A,B,... and --clips >= 0")
     device, rows = common.device_of(cfg.device), [RESULTS_HEAD, "|" + " --- |" * (RESULTS_HEAD.count("|") - 1)]
     results = {}
-    for name, path in _ckpt_names([p for p in cfg.ckpts.split(",") if p], "control").items():
+    for name, path in _ckpt_names(paths, "control").items():
         net = common.or_die(M.load_pretrained, path).to(device).eval()  # the EMA weights, as `report` scores
         meta = common.or_die(common.load_checkpoint, path, load_opt=False)["meta"]
-        stage, run = meta.get("stage"), common.StageConfig(**{  # the run's settings the metric depends on
-            k: v for k, v in meta.get("config", {}).items() if k in ("frames", "height", "width", "eval_frames",
-                                                                      "eval_clips", "shift")})
-        c = meta.get("config", {})
+        stage, config = meta.get("stage"), meta.get("config", {})
+        run = common.StageConfig(**{k: v for k, v in config.items()  # the run's settings the metric depends on
+                                    if k in ("frames", "height", "width", "eval_frames", "eval_clips", "shift")})
         if stage in ("bidir", "ar"):  # the many-step samplers: whole clip, or chunk by chunk through the cache
-            sigmas, renoise = M.euler_sigmas(c.get("sample_steps", 25), run.shift), False
+            sigmas, renoise = M.euler_sigmas(config.get("sample_steps", 25), run.shift), False
             sampler = f"{len(sigmas) - 1} Euler" + (", whole clip" if stage == "bidir" else " steps / chunk, KV cache")
         else:  # Stage 2 and 3 students: the few-step sampler with re-noising (infer.py's)
-            sigmas, renoise = M.few_step_sigmas(c.get("timesteps", M.FEW_STEP_TIMESTEPS), run.shift), True
+            sigmas, renoise = M.few_step_sigmas(config.get("timesteps", M.FEW_STEP_TIMESTEPS), run.shift), True
             sampler = f"{len(sigmas) - 1} renoise steps / chunk, KV cache"
         clips = eval_clips(cfg.clips or run.eval_clips, run.eval_frames or run.frames, run.height, run.width,
                            net.cfg.text_dim, common.input_text_len(path))
