@@ -8,6 +8,10 @@ M.FEW_STEP_TIMESTEPS (warped by the shift), predicting x0 and re-noising in betw
 
     python train_cd.py --ckpt=out/ar           # tiny model (CPU)
     python train_cd.py --ckpt=out/ar --quick
+    python train_cd.py --ckpt=out/ar --frames=24 --wander --batch_size=4 --eval_frames=8   # Stage 1's long clips
+
+On clips longer than the window every teacher-forced call attends as the rollout's cache will (tf_sink,
+tf_window), as Stage 1 does; on the 8-frame clips of the shipped recipe the window covers the whole clip.
 """
 import copy
 import time
@@ -31,23 +35,27 @@ class Config(common.StageConfig):
     guidance: float = 1.0  # teacher CFG for the ODE step; 1.0: toy captions restate frame 0
     max_steps: int = 300
     ema: float = 0.95  # the target network's decay (LCM / Causal Forcing++ use ~0.95)
+    tf_sink: int = M.TRAIN_SINK  # teacher forcing sees only the first tf_sink frames and the tf_window frames
+    tf_window: int = M.STREAM_WINDOW  # before each chunk, as Stage 1 (binds only on clips longer than the window)
     seed: int = 3
 
 
 QUICK = {**common.QUICK, "grid": 8}
 
 
-def x0_of(net, x_t, sigma, text, cams, cond, x0_ctx, ctx_t=None):
-    """The consistency function f(x_t, σ) = x_t - σ v(x_t, σ); σ (B, F), ground-truth context x0_ctx."""
-    return x_t - sigma[:, None, :, None, None] * net(x_t, 1000 * sigma, text, cams, cond, clean=x0_ctx, clean_t=ctx_t)
+def x0_of(net, x_t, sigma, text, cams, cond, x0_ctx, ctx_t=None, **mask):
+    """The consistency function f(x_t, σ) = x_t - σ v(x_t, σ); σ (B, F), ground-truth context x0_ctx;
+    mask: sink=, window= of the teacher-forced attention (model.forward)."""
+    return x_t - sigma[:, None, :, None, None] * net(x_t, 1000 * sigma, text, cams, cond, clean=x0_ctx, clean_t=ctx_t, **mask)
 
 
 @torch.no_grad()
-def cd_target(teacher, target_net, x_t, sigma, sigma_next, text, cams, cond, x0_ctx, guidance=1.0, ctx_t=None):
+def cd_target(teacher, target_net, x_t, sigma, sigma_next, text, cams, cond, x0_ctx, guidance=1.0, ctx_t=None, **mask):
     """One teacher Euler step x_t -> x_t' (σ -> σ'), then the EMA student's x0 at (x_t', σ')."""
-    v = M.guided_velocity(teacher, x_t, 1000 * sigma, text, cams, cond, clean=x0_ctx, clean_t=ctx_t, guidance=guidance)
+    v = M.guided_velocity(teacher, x_t, 1000 * sigma, text, cams, cond, clean=x0_ctx, clean_t=ctx_t, guidance=guidance,
+                          **mask)
     x_next = x_t + (sigma_next - sigma)[:, None, :, None, None] * v
-    return x0_of(target_net, x_next, sigma_next, text, cams, cond, x0_ctx, ctx_t)
+    return x0_of(target_net, x_next, sigma_next, text, cams, cond, x0_ctx, ctx_t, **mask)
 
 
 def main():
@@ -80,9 +88,12 @@ def main():
         sigma, sigma_next = grid[i], grid[i + 1]
         x_t = M.add_noise(x0, b["noise"], sigma[:, None, :, None, None])
         ctx, ctx_t = M.noisy_context(x0, b["u_context"], b["noise_context"], net.cfg, chunk)  # as the teacher learned
-        target = cd_target(teacher, ema, x_t, sigma, sigma_next, b["text"], b["cameras"], cond, ctx, cfg.guidance, ctx_t)
+        mask = dict(sink=cfg.tf_sink, window=cfg.tf_window or None)  # long clips attend as the rollout's cache
+        target = cd_target(teacher, ema, x_t, sigma, sigma_next, b["text"], b["cameras"], cond, ctx, cfg.guidance, ctx_t,
+                           **mask)
         with common.autocast(device):
-            loss = F.mse_loss(x0_of(model, x_t, sigma, b["text"], b["cameras"], cond, ctx, ctx_t).float(), target.float())
+            loss = F.mse_loss(x0_of(model, x_t, sigma, b["text"], b["cameras"], cond, ctx, ctx_t, **mask).float(),
+                              target.float())
         gnorm = common.optimizer_step(loss, opt, model, cfg, step, ema)
         if common.end_of_step(cfg, step + 1, bar, t0, dict(loss=loss, lr=lr, gnorm=gnorm), saves):
             metric.report(cfg, clips, codec, step + 1, ema, "ar", few, renoise=True, device=device)

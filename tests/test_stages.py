@@ -135,6 +135,32 @@ def test_cd_target_comes_from_the_ema_weights():
         assert (zero - (x_t - 0.6 * teacher(x_t, 1000 * sigma, b["text"], b["cameras"], cond, clean=b["x0"]))).abs().max() < 1e-5
 
 
+def test_cd_attends_as_the_rollout_cache():
+    """CD's teacher-forced calls (the teacher's step, the target's and the student's x0) all take the rollout
+    cache's mask (sink, window): on a clip longer than the window it changes them and equals the masked calls
+    by hand; on a clip the window covers (the 8-frame recipe) it changes nothing."""
+    teacher, b = tiny_net(seed=1, chunk=2).eval(), batch(F=8)
+    student = tiny_net(seed=2, chunk=2).eval()
+    cond = M.image_cond(b["x0"][:, :, 0], 8)
+    sigma, sigma_next = torch.full((4, 8), 0.6), torch.full((4, 8), 0.5)
+    x_t = M.add_noise(b["x0"], b["noise"], 0.6)
+    args = (x_t, sigma, sigma_next, b["text"], b["cameras"], cond, b["x0"])
+    with torch.no_grad():
+        masked = train_cd.cd_target(teacher, student, *args, sink=1, window=2)
+        v = teacher(x_t, 1000 * sigma, b["text"], b["cameras"], cond, clean=b["x0"], sink=1, window=2)
+        x_next = x_t - 0.1 * v
+        by_hand = x_next - 0.5 * student(x_next, 1000 * sigma_next, b["text"], b["cameras"], cond, clean=b["x0"],
+                                         sink=1, window=2)
+        assert (masked - by_hand).abs().max() < 1e-5
+        assert (masked - train_cd.cd_target(teacher, student, *args)).abs().max() > 1e-3
+        x0 = train_cd.x0_of(student, x_t, sigma, b["text"], b["cameras"], cond, b["x0"], sink=1, window=2)
+        assert (x0 - (x_t - 0.6 * student(x_t, 600 * torch.ones(4, 8), b["text"], b["cameras"], cond, clean=b["x0"],
+                                         sink=1, window=2))).abs().max() < 1e-5
+        assert (x0 - train_cd.x0_of(student, x_t, sigma, b["text"], b["cameras"], cond, b["x0"])).abs().max() > 1e-3
+        default = dict(sink=train_cd.Config.tf_sink, window=train_cd.Config.tf_window)  # covers an 8-frame clip
+        assert (train_cd.cd_target(teacher, student, *args, **default) - train_cd.cd_target(teacher, student, *args)).abs().max() < 1e-5
+
+
 def test_cd_loss_decreases():
     teacher, student, ema, b, cond, sigma, sigma_next, x_t = cd_setup()
     target = train_cd.cd_target(teacher, ema, x_t, sigma, sigma_next, b["text"], b["cameras"], cond, b["x0"])
