@@ -77,6 +77,7 @@ def main():
     common.log(f"{cfg.name}: student and target from {cfg.ckpt}, grid {cfg.grid}, target EMA {cfg.ema}")
     if first_step == 0:
         metric.report_teacher_baselines(cfg, clips, codec, teacher, few, device)
+    mask = dict(sink=cfg.tf_sink, window=cfg.tf_window or None)  # long clips attend as the rollout's cache
     bar, t0 = common.progress(cfg.max_steps, initial=first_step, desc=cfg.name), time.time()
     for step in range(first_step, common.last_step(cfg)):
         lr = common.set_lr(opt, cfg, step)
@@ -88,7 +89,6 @@ def main():
         sigma, sigma_next = grid[i], grid[i + 1]
         x_t = M.add_noise(x0, b["noise"], sigma[:, None, :, None, None])
         ctx, ctx_t = M.noisy_context(x0, b["u_context"], b["noise_context"], net.cfg, chunk)  # as the teacher learned
-        mask = dict(sink=cfg.tf_sink, window=cfg.tf_window or None)  # long clips attend as the rollout's cache
         target = cd_target(teacher, ema, x_t, sigma, sigma_next, b["text"], b["cameras"], cond, ctx, cfg.guidance, ctx_t,
                            **mask)
         with common.autocast(device):
