@@ -28,16 +28,19 @@ from common import TEXT_LEN, atomic_write, mix_seed
 # ----------------------------------------------------------------------------------------------
 # what the training stages read
 
-def training_source(cfg, model_cfg):
+def training_source(cfg, model_cfg, shown=False):
     """(codec, source) for a training stage; source(step, rank, world_size) -> this rank's share of batch `step`.
 
     Every sample - its clip, noise, uniforms for sigma, caption dropout, camera jitter - comes from
     (cfg.seed, global sample index) alone, so a run gives the same steps on 1 or N processes and
     `--resume` continues exactly. Returns dict x0 (B, C, F, h, w), noise like x0, u (B, F) uniforms
-    for the stage's sigma sampling, text (B, L, D) (zeros where dropped), cameras (Cameras).
+    for the stage's sigma sampling, text (B, L, D) (zeros where dropped), cameras (Cameras); with shown=True
+    (the embedded world only) also x0_shown like x0: the clip with the objects frame 0 does not show left out.
     cfg needs: seed, batch_size, frames, height, width, text_len, text_drop, camera_noise, data.
     """
     text_len = cfg.text_len or TEXT_LEN  # 0: common.start gives a stage its input's; a config used directly, from scratch's
+    if cfg.data and shown:
+        raise ValueError("shown: only the embedded world knows what frame 0 does not show (no --data)")
     if cfg.data:
         dataset = LatentDataset(cfg.data)
         codec = None  # latents come prepared; nothing to decode while training
@@ -51,7 +54,7 @@ def training_source(cfg, model_cfg):
             x0, w2c, K, text = item["latents"].float(), item["w2c"], item["K"], item["text"]
         else:
             clip = world.make_clip(cfg.seed, g, cfg.frames, cfg.height, cfg.width, model_cfg.text_dim, text_len,
-                                   getattr(cfg, "wander", False), getattr(cfg, "reveal", 0.0))
+                                   getattr(cfg, "wander", False), getattr(cfg, "reveal", 0.0), shown)
             x0 = codec.encode(clip["video"][None])[0]
             w2c, K, text = clip["w2c"], clip["K"], clip["text"]
         if cfg.camera_noise > 0 or getattr(cfg, "camera_scale_drift", 0) > 0:
@@ -63,7 +66,8 @@ def training_source(cfg, model_cfg):
         # the teacher-forcing context's own noise (model.noisy_context), drawn after the rest so that
         # the draws above are those of a run without it
         noise_context, u_context = torch.randn(x0.shape, generator=generator), torch.rand(x0.shape[1], generator=generator)
-        return dict(x0=x0, noise=noise, u=u, text=text, w2c=w2c, K=K, noise_context=noise_context, u_context=u_context)
+        out = dict(x0=x0, noise=noise, u=u, text=text, w2c=w2c, K=K, noise_context=noise_context, u_context=u_context)
+        return {**out, "x0_shown": codec.encode(clip["shown"][None])[0]} if shown else out
 
     def source(step, rank, world_size, device="cpu"):
         B = cfg.batch_size // world_size

@@ -309,17 +309,18 @@ def long_clips(n, frames, height, width, text_dim, text_len, seed=0, first=0):
     return {k: torch.stack(v) for k, v in out.items()}
 
 
-def frame_scores(video, truth):
-    """Per-frame scores of video vs truth (B, 3, F, H, W) in [-1, 1], averaged over the clips, each (F,):
-    psnr (dB); colour, the mean-colour error on a 0-1 scale (the largest difference of a channel's
-    frame mean: a world that keeps its colours scores near 0); sharp and sharp_true, image-gradient
-    energies (their ratio is the sharpness of metric.control_metric)."""
+def frame_scores(video, truth, per_clip=False):
+    """Per-frame scores of video vs truth (B, 3, F, H, W) in [-1, 1], averaged over the clips, each (F,)
+    (per_clip: not averaged, each (B, F)): psnr (dB); colour, the mean-colour error on a 0-1 scale (the
+    largest difference of a channel's frame mean: a world that keeps its colours scores near 0); sharp and
+    sharp_true, image-gradient energies (their ratio is the sharpness of metric.control_metric)."""
     mse = (video - truth).pow(2).mean(dim=(1, 3, 4))  # (B, F)
     colour = ((video.mean(dim=(3, 4)) - truth.mean(dim=(3, 4))).abs() / 2).amax(1)  # (B, F)
     energy = lambda v: ((v[..., :, 1:] - v[..., :, :-1]).pow(2).mean(dim=(1, 3, 4))
                         + (v[..., 1:, :] - v[..., :-1, :]).pow(2).mean(dim=(1, 3, 4)))
-    return dict(psnr=(10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean(0), colour=colour.mean(0),
-                sharp=energy(video).mean(0), sharp_true=energy(truth).mean(0))
+    scores = dict(psnr=10 * torch.log10(4.0 / mse.clamp_min(1e-10)), colour=colour, sharp=energy(video),
+                  sharp_true=energy(truth))  # each (B, F)
+    return scores if per_clip else {k: v.mean(0) for k, v in scores.items()}
 
 
 def segment_scores(scores):
@@ -339,10 +340,11 @@ def long_rollout_metric(sample, codec, clips, batch=8, seed=0, device="cpu", kee
     "truth" (the exact rendering: a perfect memory) or "shown" (the rendering with only frame 0's objects: a
     perfect memory of a world that invents nothing); an oracle calls sample(..., commit_frames=latents (B, C, F, h, w)).
     Returns {"model", "static", "redrawn" and "shown" (where clips has them)}: frame_scores each, averaged
-    over the clips; with keep > 0 also "video": the first `keep` (<= batch) rollouts (keep, 3, F, H, W) in [-1, 1]."""
+    over the clips; "model_per_path": the model's frame_scores per clip, each (N, F) (which paths go wrong);
+    with keep > 0 also "video": the first `keep` (<= batch) rollouts (keep, 3, F, H, W) in [-1, 1]."""
     generator = torch.Generator().manual_seed(seed)
     baselines = [k for k in ("redrawn", "shown") if k in clips]  # renderings of the same paths (long_clips)
-    parts = {"model": [], "static": [], **{k: [] for k in baselines}}
+    parts, per_path = {"model": [], "static": [], **{k: [] for k in baselines}}, []
     for i in range(0, clips["video"].shape[0], batch):
         sl = slice(i, i + batch)
         truth = clips["video"][sl].to(device)  # (B, 3, F, H, W)
@@ -358,12 +360,14 @@ def long_rollout_metric(sample, codec, clips, batch=8, seed=0, device="cpu", kee
         if i == 0:
             kept = video[:keep].cpu()  # the first paths' rollouts (keep <= batch), for a picture
         n = truth.shape[0]
-        parts["model"].append({k: v * n for k, v in frame_scores(video, truth).items()})
+        per_path.append(frame_scores(video, truth, per_clip=True))  # each (B, F)
+        parts["model"].append({k: v.sum(0) for k, v in per_path[-1].items()})
         parts["static"].append({k: v * n for k, v in frame_scores(truth[:, :, :1].expand_as(truth), truth).items()})
         for b in baselines:
             parts[b].append({k: v * n for k, v in frame_scores(clips[b][sl].to(device), truth).items()})
     total = clips["video"].shape[0]
     out = {name: {k: sum(p[k] for p in ps) / total for k in ps[0]} for name, ps in parts.items()}
+    out["model_per_path"] = {k: torch.cat([p[k] for p in per_path]) for k in per_path[0]}  # each (N, F)
     return {**out, "video": kept} if keep else out
 
 
@@ -592,8 +596,8 @@ class LongConfig:
     #                       (the exact rendering: an oracle, a perfect memory) | shown (frame 0's objects only: a
     #                       perfect memory of a world that invents nothing); README, Long rollouts
     draws: int = 1  # noise draws per path, averaged: one draw of 32 paths moves a segment's colour error by up to 0.005
-    out: str = "out/long_rollout"  # writes OUT.png (curves), OUT.md (table by segment), OUT.json (per frame),
-    #                                OUT_frames.png (the first paths: truth and each model at frames long_picks)
+    out: str = "out/long_rollout"  # writes OUT.png (curves), OUT.md (table by segment), OUT.json (per frame; segments
+    #                                by draw and by path), OUT_frames.png (the first paths: truth and each model at frames long_picks)
     device: str = ""
 
 
@@ -664,7 +668,7 @@ def _ckpt_names(paths, command):
 def long_report(cfg):
     """Run long_rollout_metric on every checkpoint of cfg.ckpts; write the table, the curves and the numbers."""
     device = common.device_of(cfg.device)
-    results, baselines, per_draw, videos = {}, {}, {}, []
+    results, baselines, per_draw, per_path, videos = {}, {}, {}, {}, []
     for name, path in _check_long(cfg, "long").items():
         net, trained, sample = streaming_sampler(path, cfg, device)
         clips = long_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len,
@@ -676,6 +680,9 @@ def long_report(cfg):
         videos.append((name, runs[0].pop("video")))  # draw 0's first paths, for the picture
         r = {row: {k: sum(run[row][k] for run in runs) / cfg.draws for k in runs[0][row]} for row in runs[0]}
         per_draw[name] = [segment_scores(run["model"]) for run in runs]
+        by_path = r.pop("model_per_path")  # each (N, F), averaged over the draws
+        per_path[name] = {str(cfg.first_clip + i): segment_scores({k: v[i] for k, v in by_path.items()})
+                          for i in range(cfg.clips)}  # keyed by world.long_heldout_path's number
         if cfg.draws > 1:
             common.log(f"{path}: colour error by segment, each draw: " + " | ".join(
                 f"{k} " + " ".join(f"{s[k]['colour']:.3f}" for s in per_draw[name]) for k in per_draw[name][0]))
@@ -689,7 +696,8 @@ def long_report(cfg):
     common.atomic_write(cfg.out + ".md", lambda p: Path(p).write_text(table + "\n"))
     per_frame = {name: {k: v.tolist() for k, v in s.items()} for name, s in results.items()}
     common.atomic_write(cfg.out + ".json", lambda p: Path(p).write_text(json.dumps(
-        dict(settings=dataclasses.asdict(cfg), per_frame=per_frame, per_draw_segments=per_draw))))
+        dict(settings=dataclasses.asdict(cfg), per_frame=per_frame, per_draw_segments=per_draw,
+                  per_path_segments=per_path))))
     plot_long(results, cfg.out + ".png")
     picks = [0] + long_picks(cfg.frames)  # frames_png leaves out the first column (a clip's given frame 0)
     rows = [("truth", clips["video"][:LONG_PNG_CLIPS])] + videos

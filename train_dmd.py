@@ -77,6 +77,9 @@ class Config(common.StageConfig):
     anchor_grid: int = 1  # the regression compares each frame's latent averaged over a grid x grid of cells (1: its mean)
     anchor_frames: str = "window"  # the frames the anchor regresses: "window" (the scored window) or "rollout"
     #                                (every frame rolled out: each chunk's exit step then carries gradient)
+    anchor_on: str = "all"  # the pixels the anchor regresses: "all", or "shown": only those where the true clip equals
+    #                         the same path with the objects frame 0 does not show left out (what frame 0 and the
+    #                         cameras determine: the anchor then asks nothing the model cannot know; embedded world only)
     sink: int = M.TRAIN_SINK  # the student's cache while rolling out (inference keeps M.STREAM_SINK)
     window: int = M.STREAM_WINDOW
     log_every: int = 1  # a step takes seconds: log every one
@@ -154,11 +157,21 @@ def dmd_loss(x_g, real, fake, text, cams, cond, sigma, noise, guidance=1.0):
     return 0.5 * F.mse_loss(x_g.float(), (x_g - grad).detach().float())
 
 
-def anchor_loss(x_g, truth, grid=1):
+def anchor_loss(x_g, truth, grid=1, known=None):
     """Mean squared difference of the window x_g (B, C, F, h, w) and the true frames (same shape), each
-    frame averaged over grid x grid cells: the colour of a frame, not its detail, which the future leaves open."""
-    pool = lambda x: F.adaptive_avg_pool3d(x.float(), (x.shape[2], grid, grid))  # (B, C, F, grid, grid)
-    return F.mse_loss(pool(x_g), pool(truth))
+    frame averaged over grid x grid cells: the colour of a frame, not its detail, which the future leaves open.
+    known (B, 1, F, h, w) in {0, 1}: only those latent pixels count (a cell's difference is summed over its
+    known pixels and divided by all of them, so a cell half unknown weighs half)."""
+    diff = x_g.float() - truth.float()  # (B, C, F, h, w)
+    if known is not None:
+        diff = diff * known
+    return F.adaptive_avg_pool3d(diff, (diff.shape[2], grid, grid)).pow(2).mean()  # cells (B, C, F, grid, grid)
+
+
+def known_pixels(x0, x0_shown):
+    """(B, 1, F, h, w): 1 where the true clip's latent x0 equals the rendering with frame 0's objects only
+    (every channel), i.e. where no object frame 0 does not show stands; 0 elsewhere."""
+    return (x0 == x0_shown).all(dim=1, keepdim=True).float()
 
 
 def main():
@@ -167,6 +180,10 @@ def main():
         common.die(f"--window_cond={cfg.window_cond} must be 'true' or 'own'")
     if cfg.anchor_frames not in ("window", "rollout"):
         common.die(f"--anchor_frames={cfg.anchor_frames} must be 'window' or 'rollout'")
+    if cfg.anchor_on not in ("all", "shown"):
+        common.die(f"--anchor_on={cfg.anchor_on} must be 'all' or 'shown'")
+    if cfg.anchor_on == "shown" and cfg.data:
+        common.die("--anchor_on=shown needs the embedded world (it renders what frame 0 does not show): drop --data")
     if cfg.anchor < 0 or cfg.anchor_grid < 1:
         common.die(f"--anchor={cfg.anchor} must be at least 0 and --anchor_grid={cfg.anchor_grid} at least 1")
     rank, local_rank, world, device, stem = common.start(cfg)
@@ -197,7 +214,8 @@ def main():
         common.die(f"--rollout_frames={R} and --frames={F_} must be multiples of the chunk ({chunk}), rollout >= frames")
     # clips of the rollout's length (only frame 0, the text and the cameras are used past the window);
     # a long rollout needs a path that stays in the scene: a wandering one
-    codec, source = data.training_source(dataclasses.replace(cfg, frames=R, wander=R > F_), student.cfg)
+    codec, source = data.training_source(dataclasses.replace(cfg, frames=R, wander=R > F_), student.cfg,
+                                         shown=cfg.anchor > 0 and cfg.anchor_on == "shown")
     few = M.few_step_sigmas(cfg.timesteps, cfg.shift)
     clips = metric.stage_clips(cfg, student.cfg, rank)
     saves = [dict(stem=stem + "_critic", state_dict=fake, stage="dmd_critic", parent=cfg.teacher, model_config=fake.cfg),
@@ -242,7 +260,8 @@ def main():
                 cond = M.image_cond(window_first(x0, x_g.detach(), start, cfg.window_cond), F_)
                 loss_d = dmd_loss(x_g, real, fake, text, cams_w, cond, sigma, noise, cfg.guidance)
                 if cfg.anchor > 0:
-                    loss_a = anchor_loss(x_all[:, :, a0:], x0[:, :, a0:stop], cfg.anchor_grid)
+                    known = known_pixels(x0, b["x0_shown"])[:, :, a0:stop] if "x0_shown" in b else None
+                    loss_a = anchor_loss(x_all[:, :, a0:], x0[:, :, a0:stop], cfg.anchor_grid, known)
                 gnorm = common.optimizer_step(loss_d + cfg.anchor * loss_a, opt_g, student, cfg, step, ema,
                                               average_grads=True)
         scalars = dict(critic=loss_f, dmd=loss_d, anchor=loss_a, gnorm=gnorm, exit=exit_step)

@@ -365,7 +365,7 @@ def reveal_path(generator, frames, scene_seed, width=1, height=1, min_share=0.04
     return None
 
 
-def make_clip(seed, index, frames, height, width, text_dim, text_len, wander=False, reveal=0.0):
+def make_clip(seed, index, frames, height, width, text_dim, text_len, wander=False, reveal=0.0, shown=False):
     """Training clip number `index`: a dict of video (3, F, H, W), w2c (F, 4, 4), K (F, 4), text, ...
 
     The scene seed and the path come from hashes of (seed, index) alone, so a clip is the same
@@ -373,7 +373,9 @@ def make_clip(seed, index, frames, height, width, text_dim, text_len, wander=Fal
     (long_actions, 0.1-0.4 m and 3-8° per step for this clip) instead of sample_trajectory's clip kinds,
     for clips far longer than the 8 frames those are made for. reveal: the share of clips that are
     `reveal_path`s instead (of either kind; drawn from their own seed, so that reveal=0 gives the clips of
-    a run without it; a scene with no unseen object within reach keeps its ordinary clip).
+    a run without it; a scene with no unseen object within reach keeps its ordinary clip). shown: also
+    "shown" (3, F, H, W), the same path with every object frame 0 does not show left out (redraw_unseen's
+    invent=False): where it equals the video, frame 0 and the cameras determine the pixel.
     """
     scene_seed = mix_seed(seed, index, 0) % EVAL_SEED_BASE
     generator = torch.Generator().manual_seed(mix_seed(seed, index, 1))
@@ -392,9 +394,13 @@ def make_clip(seed, index, frames, height, width, text_dim, text_len, wander=Fal
     else:
         actions, cameras = sample_trajectory(generator, frames, scene_seed=scene_seed, width=width, height=height)
     text = caption(scene_seed)
-    return {"video": render_world(scene_seed, cameras, height, width), "w2c": cameras.w2c[0], "K": cameras.K[0],
-            "text": text_embedding(text, text_dim, text_len), "caption": text, "scene_seed": scene_seed,
-            "actions": actions}
+    out = {"video": render_world(scene_seed, cameras, height, width), "w2c": cameras.w2c[0], "K": cameras.K[0],
+           "text": text_embedding(text, text_dim, text_len), "caption": text, "scene_seed": scene_seed,
+           "actions": actions}
+    if shown:
+        out["shown"] = render_world(scene_seed, cameras, height, width,
+                                    scene=redraw_unseen(scene_seed, cameras, height, width, invent=False))
+    return out
 
 
 def heldout_path(index, frames, seed=0, width=1, height=1):

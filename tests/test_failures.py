@@ -149,6 +149,7 @@ CASES = [
     (["train_dmd.py", "--quick", "--ckpt={d}/dmd", "--window_cond=mine", "--out_dir={d}/t"], "--window_cond=mine must be"),
     (["train_dmd.py", "--quick", "--ckpt={d}/dmd", "--anchor=-1", "--out_dir={d}/t"], "--anchor=-1.0 must be at least 0"),
     (["train_dmd.py", "--quick", "--ckpt={d}/dmd", "--anchor_frames=all", "--out_dir={d}/t"], "--anchor_frames=all must be"),
+    (["train_dmd.py", "--quick", "--ckpt={d}/dmd", "--anchor_on=seen", "--out_dir={d}/t"], "--anchor_on=seen must be"),
     (["train_ar.py", "--quick", "--context_sigma=-1", "--ckpt={d}/run/bidir", "--out_dir={d}/t"], "--context_sigma=-1.0 must be in [0, 1]"),
     (["train_ode.py", "--quick", "--ckpt={d}/dmd", "--ode_steps=7", "--out_dir={d}/t"], "does not put grid points"),
     # the few-step stages took any --timesteps and trained a sampler no one asked for

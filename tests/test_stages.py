@@ -368,6 +368,26 @@ def test_dmd_anchor_compares_the_colour_of_each_cell_not_its_detail():
     assert abs(train_dmd.anchor_loss(truth + halves, truth, grid=2).item() - 0.01) < 1e-7
 
 
+def test_dmd_anchor_on_shown_pixels_leaves_what_frame_0_cannot_tell_open():
+    # --anchor_on=shown: the anchor regresses only the latent pixels where the true clip equals the same path
+    # with the objects frame 0 does not show left out; a wrong colour there costs nothing
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(2, 12, 8, 8, 8, generator=g)  # (B, C, F, h, w)
+    shown = truth.clone()
+    shown[:, :, 4:, :, 6:] = 0.0  # an unseen object stands in the right quarter of frames 4..7
+    known = train_dmd.known_pixels(truth, shown)  # (B, 1, F, h, w)
+    assert known.shape == (2, 1, 8, 8, 8) and known.sum().item() == 2 * 8 * 64 - 2 * 4 * 16
+    wrong = truth.clone()
+    wrong[:, :, 4:, :, 6:] += 0.5  # the model draws something else where the object stands
+    assert train_dmd.anchor_loss(wrong, truth, grid=2).item() > 0.01  # regressed on every pixel, it costs
+    assert train_dmd.anchor_loss(wrong, truth, grid=2, known=known).item() < 1e-12  # on the known ones, nothing
+    # on the known pixels it counts as before: a cell half unknown weighs its known half
+    shift = truth + 0.1
+    assert abs(train_dmd.anchor_loss(shift, truth, grid=1, known=torch.ones_like(known)).item() - 0.01) < 1e-7
+    # frames 0..3: every cell 0.1 off; frames 4..7: the left cells 0.1, the right ones half known, 0.05
+    assert abs(train_dmd.anchor_loss(shift, truth, grid=2, known=known).item() - (0.01 + (0.01 + 0.0025) / 2) / 2) < 1e-7
+
+
 def test_dmd_window_start_is_chunk_aligned_uniform_or_the_first_window():
     starts = [train_dmd.window_start(seed, 32, 8, 2) for seed in range(2000)]  # 13 possible starts: 0, 2, .., 24
     assert set(starts) == set(range(0, 25, 2)) and starts == [train_dmd.window_start(s, 32, 8, 2) for s in range(2000)]

@@ -209,6 +209,18 @@ def test_reveal_clips_turn_towards_an_object_frame_0_does_not_show():
     assert sum(kinds) >= 4
 
 
+def test_training_clips_can_carry_the_world_frame_0_shows():
+    # make_clip(shown=True): the same path with the objects frame 0 does not show left out (--anchor_on=shown);
+    # frame 0 is the same, and a revealing clip's last frame differs where the object enters
+    differs = 0
+    for i in range(4):
+        clip = world.make_clip(0, i, 8, 32, 32, 8, 16, reveal=1.0, shown=True)
+        assert torch.equal(clip["video"], world.make_clip(0, i, 8, 32, 32, 8, 16, reveal=1.0)["video"])
+        assert torch.equal(clip["shown"][:, 0], clip["video"][:, 0])
+        differs += not torch.equal(clip["shown"][:, -1], clip["video"][:, -1])
+    assert differs >= 2
+
+
 def test_reveal_replaces_wandering_clips_too():
     # Stage 1's long clips (wander) take --reveal as Phase 1's do: a revealing clip is a turn or arc of the
     # clip's whole length; reveal=0 leaves the wandering clips of a run without it
