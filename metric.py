@@ -280,6 +280,7 @@ STATIC_ROW = "static copy of frame 0"  # the long-rollout baselines: what holdin
 REDRAWN_ROW = "re-drawn world (a perfect model)"  # and what the truth scores with the unseen re-drawn,
 SHOWN_ROW = "frame 0's objects only (invents nothing)"  # or left out (a perfect model that invents nothing)
 EXACT_DB = 40  # a segment's mean PSNR above this is shown as "> 40": frames equal to the truth have none finite
+LONG_BASELINE_ROWS = {"static": STATIC_ROW, "shown": SHOWN_ROW, "redrawn": REDRAWN_ROW}  # long_rollout_metric's keys
 LONG_PNG_CLIPS = 3  # held-out paths in `metric.py long`'s picture of frames (OUT_frames.png)
 LONG_CONTEXTS = ("own", "truth", "shown")  # what the cache remembers: the model's frames, or an oracle's (--context)
 
@@ -340,11 +341,11 @@ def long_rollout_metric(sample, codec, clips, batch=8, seed=0, device="cpu", kee
     "truth" (the exact rendering: a perfect memory) or "shown" (the rendering with only frame 0's objects: a
     perfect memory of a world that invents nothing); an oracle calls sample(..., commit_frames=latents (B, C, F, h, w)).
     Returns {"model", "static", "redrawn" and "shown" (where clips has them)}: frame_scores each, averaged
-    over the clips; "model_per_path": the model's frame_scores per clip, each (N, F) (which paths go wrong);
+    over the clips; "per_path": {the same names: frame_scores per clip, each (N, F)} (which paths go wrong);
     with keep > 0 also "video": the first `keep` (<= batch) rollouts (keep, 3, F, H, W) in [-1, 1]."""
     generator = torch.Generator().manual_seed(seed)
     baselines = [k for k in ("redrawn", "shown") if k in clips]  # renderings of the same paths (long_clips)
-    parts, per_path = {"model": [], "static": [], **{k: [] for k in baselines}}, []
+    parts = {"model": [], "static": [], **{k: [] for k in baselines}}  # per batch: frame_scores per clip
     for i in range(0, clips["video"].shape[0], batch):
         sl = slice(i, i + batch)
         truth = clips["video"][sl].to(device)  # (B, 3, F, H, W)
@@ -359,15 +360,13 @@ def long_rollout_metric(sample, codec, clips, batch=8, seed=0, device="cpu", kee
                                     x0[:, :, 0], **oracle)).clamp(-1, 1)
         if i == 0:
             kept = video[:keep].cpu()  # the first paths' rollouts (keep <= batch), for a picture
-        n = truth.shape[0]
-        per_path.append(frame_scores(video, truth, per_clip=True))  # each (B, F)
-        parts["model"].append({k: v.sum(0) for k, v in per_path[-1].items()})
-        parts["static"].append({k: v * n for k, v in frame_scores(truth[:, :, :1].expand_as(truth), truth).items()})
+        parts["model"].append(frame_scores(video, truth, per_clip=True))  # each (B, F)
+        parts["static"].append(frame_scores(truth[:, :, :1].expand_as(truth), truth, per_clip=True))
         for b in baselines:
-            parts[b].append({k: v * n for k, v in frame_scores(clips[b][sl].to(device), truth).items()})
-    total = clips["video"].shape[0]
-    out = {name: {k: sum(p[k] for p in ps) / total for k in ps[0]} for name, ps in parts.items()}
-    out["model_per_path"] = {k: torch.cat([p[k] for p in per_path]) for k in per_path[0]}  # each (N, F)
+            parts[b].append(frame_scores(clips[b][sl].to(device), truth, per_clip=True))
+    per_path = {name: {k: torch.cat([p[k] for p in ps]) for k in ps[0]} for name, ps in parts.items()}  # each (N, F)
+    out = {name: {k: v.mean(0) for k, v in s.items()} for name, s in per_path.items()}
+    out["per_path"] = per_path
     return {**out, "video": kept} if keep else out
 
 
@@ -678,19 +677,21 @@ def long_report(cfg):
                                     keep=0 if d else LONG_PNG_CLIPS, context=cfg.context) for d in range(cfg.draws)]
         name = streamed_as(name, cfg)
         videos.append((name, runs[0].pop("video")))  # draw 0's first paths, for the picture
-        r = {row: {k: sum(run[row][k] for run in runs) / cfg.draws for k in runs[0][row]} for row in runs[0]}
+        mean = lambda rows: {row: {k: sum(x[row][k] for x in rows) / cfg.draws for k in rows[0][row]} for row in rows[0]}
+        by_path = mean([run.pop("per_path") for run in runs])  # {row: {score: (N, F)}}, averaged over the draws
+        r = mean(runs)
         per_draw[name] = [segment_scores(run["model"]) for run in runs]
-        by_path = r.pop("model_per_path")  # each (N, F), averaged over the draws
-        per_path[name] = {str(cfg.first_clip + i): segment_scores({k: v[i] for k, v in by_path.items()})
-                          for i in range(cfg.clips)}  # keyed by world.long_heldout_path's number
+        # each path's segments, keyed by world.long_heldout_path's number; the baselines' from the last model's clips
+        paths = lambda s: {str(cfg.first_clip + i): segment_scores({k: v[i] for k, v in s.items()}) for i in range(cfg.clips)}
+        per_path[name] = paths(by_path["model"])
+        per_path.update({row: paths(by_path[key]) for key, row in LONG_BASELINE_ROWS.items()})
         if cfg.draws > 1:
             common.log(f"{path}: colour error by segment, each draw: " + " | ".join(
                 f"{k} " + " ".join(f"{s[k]['colour']:.3f}" for s in per_draw[name]) for k in per_draw[name][0]))
         results[name], baselines = r["model"], r
         common.log(f"{path}: " + " | ".join(f"{k} {v['psnr']:.1f} dB {v['colour']:.3f} {v['sharpness']:.2f}"
                                             for k, v in segment_scores(r["model"]).items()))
-    results[STATIC_ROW], results[SHOWN_ROW] = baselines["static"], baselines["shown"]
-    results[REDRAWN_ROW] = baselines["redrawn"]
+    results.update({row: baselines[key] for key, row in LONG_BASELINE_ROWS.items()})
     table = long_table(results)
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     common.atomic_write(cfg.out + ".md", lambda p: Path(p).write_text(table + "\n"))

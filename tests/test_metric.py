@@ -94,9 +94,10 @@ def test_long_rollout_metric_perfect_model_scores_the_truth_frozen_frame_the_sta
     frozen = metric.long_rollout_metric(lambda noise, text, cams, first: first[:, :, None].expand_as(noise),
                                         codec, clips, batch=2)
     assert (perfect["model"]["psnr"] > 90).all() and perfect["model"]["colour"].abs().max() < 1e-6
-    paths = frozen["model_per_path"]["colour"]  # (3, 40): each path's own, and their mean is the row
+    paths = frozen["per_path"]["model"]["colour"]  # (3, 40): each path's own, and their mean is the row
     assert paths.shape == (3, 40) and torch.allclose(paths.mean(0), frozen["model"]["colour"])
     assert not torch.allclose(paths[0], paths[1])  # two paths, two scores
+    assert torch.allclose(frozen["per_path"]["static"]["psnr"], frozen["per_path"]["model"]["psnr"])  # path by path
     assert torch.allclose(perfect["model"]["sharp"], perfect["model"]["sharp_true"])
     for key in ("psnr", "colour", "sharp"):  # the frozen frame is exactly the static copy
         assert torch.allclose(frozen["model"][key], frozen["static"][key])
@@ -124,6 +125,8 @@ def test_long_report_draws_average_noise_draws_and_draw_0_is_the_one_draw_run(tm
     colour = np.mean(runs[1]["per_frame"]["cd"]["colour"][1:8])
     assert colour == pytest.approx((draws[0]["1-7"]["colour"] + draws[1]["1-7"]["colour"]) / 2, abs=1e-6)
     assert runs[1]["per_path_segments"]["cd"]["0"]["1-7"]["colour"] == pytest.approx(colour, abs=1e-6)  # 1 path
+    static = np.mean(runs[1]["per_frame"][metric.STATIC_ROW]["colour"][1:8])  # and the baselines', path by path
+    assert runs[1]["per_path_segments"][metric.STATIC_ROW]["0"]["1-7"]["colour"] == pytest.approx(static, abs=1e-6)
     row = [r for r in open(two + ".md").read().splitlines() if r.startswith("| cd |")][0]
     assert row.split(" | ")[1].split(" / ")[1] == f"{colour:.3f}"
     from PIL import Image  # the picture: truth, then the model, at frames long_picks(8) = 0 and 7
