@@ -30,7 +30,8 @@ The long-rollout metric asks "does the world hold together?": on long held-out p
 the model streams chunk by chunk from frame 0 alone, as infer.py does, and every frame is scored
 against the exact rendering: PSNR, mean-colour error and sharpness, by frame and by segment
 (LONG_SEGMENTS), beside three baselines: a static copy of frame 0 (a world that does not move), the world
-with only frame 0's objects (a perfect model that invents nothing), and the re-drawn world (the same path
+with only the objects frame 0 shows some of (a perfect model that invents nothing; of an object frame 0 shows
+only the shadow of, the shadow stays and the body goes: world.redraw_unseen(invent=False)), and the re-drawn world (the same path
 through the same scene with the objects frame 0 does not show put at other places the scene's prior allows,
 `world.redraw_unseen`: what a perfect world model scores, since frame 0 and the caption cannot tell it
 where those objects are). `--context=truth` (or `shown`) is an oracle that asks what the model's memory

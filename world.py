@@ -135,7 +135,8 @@ def render_world(scene_seed, cameras, height, width, return_labels=False, supers
     Exact pinhole cameras from cameras.K (normalized) and cameras.w2c (first path of the batch).
     Each pixel averages supersample² rays. With return_labels also (F, H, W) long labels of what
     most of each pixel sees: SKY = 0, GROUND = 1, object k = 2 + k (object 0 stands straight ahead).
-    scene: a make_scene dict to render instead of scene_seed's own (redraw_unseen's).
+    scene: a make_scene dict to render instead of scene_seed's own (redraw_unseen's); an object with
+    "body": False casts its shadow but is not drawn (what invents nothing knows of one frame 0 shows only the shadow of).
     """
     scene = scene or make_scene(scene_seed)
     H, W = height * supersample, width * supersample
@@ -160,7 +161,7 @@ def render_world(scene_seed, cameras, height, width, return_labels=False, supers
     lit = torch.ones(F, H, W)  # ambient + diffuse sunlight on objects
     visible = [_in_view(obj, w2c, K) for obj in scene["objects"]]  # skip what no frame can see
     for k, obj in enumerate(scene["objects"]):
-        if not visible[k]:
+        if not visible[k] or not obj.get("body", True):
             continue
         rel = [oi - ci for oi, ci in zip(o, obj["centre"].tolist())]  # camera centre relative to the object
         half = obj["half"].tolist()
@@ -244,9 +245,15 @@ def _gap(obj, centres):
     return ((centres - c).abs() - half).clamp_min(0).norm(dim=-1)
 
 
-def objects_shown(scene_seed, first, height, width):
-    """The indices of the objects frame 0 (Cameras (1, 1)) shows: each alone changes its rendering (a sliver
-    at the edge or a shadow is enough)."""
+def objects_shown(scene_seed, first, height, width, shadows=True, supersample=2):
+    """The indices of the objects frame 0 (Cameras (1, 1)) shows. shadows=True: each alone changes its rendering
+    (a sliver at the edge or a shadow is enough: reveal_path's unseen objects leave no trace at all).
+    shadows=False: some of its body is the first thing one of frame 0's rays hits (render_world's supersample²
+    rays a pixel): a shadow alone says neither what casts it nor its colour, and a body hidden behind another
+    object is not shown either (the long metric's invent-nothing world, redraw_unseen(invent=False))."""
+    if not shadows:  # supersample² rays a pixel are the pixels of a supersample× larger frame, one ray each
+        labels = render_world(scene_seed, first, height * supersample, width * supersample, True, supersample=1)[1]
+        return sorted(k - 2 for k in labels.unique().tolist() if k >= 2)  # labels 2 + k: object k
     scene = make_scene(scene_seed)
     frame0 = lambda objects: render_world(scene_seed, first, height, width, scene={**scene, "objects": objects})
     bare = frame0([])
@@ -256,7 +263,9 @@ def objects_shown(scene_seed, first, height, width):
 def redraw_unseen(scene_seed, cameras, height, width, draw=0, margin=1.0, tries=200, invent=True):
     """The scene as a perfect world model could imagine it from frame 0 and the caption alone: a scene dict
     for render_world(scene=...), the long-rollout metric's re-drawn-world row. invent=False leaves every
-    object frame 0 does not show out instead (that metric's row of a perfect model that invents nothing).
+    object frame 0 does not show out instead (that metric's row of a perfect model that invents nothing); there an
+    object frame 0 shows only the shadow of keeps its shadow (frame 0's pixels) but loses its body ("body": False):
+    from a shadow alone nothing says what stands there.
 
     What frame 0 shows stays (the ground, the sky, every object that changes frame 0); every other object
     keeps its kind and colour (the caption names them, in order) and its size (which the caption does not
@@ -269,11 +278,12 @@ def redraw_unseen(scene_seed, cameras, height, width, draw=0, margin=1.0, tries=
     frame0 = lambda objects: render_world(scene_seed, first, height, width, scene={**scene, "objects": objects})
     bare = frame0([])
     n, rng, centres = len(scene["objects"]), np.random.default_rng([scene_seed, draw]), _world_centres(cameras)[0]
-    shown = objects_shown(scene_seed, first, height, width)
+    shown = objects_shown(scene_seed, first, height, width)  # a body or only a shadow
+    body = shown if invent else objects_shown(scene_seed, first, height, width, shadows=False)
     objects = []
     for k, obj in enumerate(scene["objects"]):
         if k in shown:
-            objects.append(obj)
+            objects.append(obj if k in body else {**obj, "body": False})
             continue
         if not invent:  # left out: the world shows only what frame 0 showed
             continue

@@ -189,6 +189,36 @@ def test_redraw_unseen_keeps_what_frame_0_shows_and_moves_the_rest_off_the_path(
     assert moved_any
 
 
+def test_invent_nothing_world_keeps_a_shadow_frame_0_shows_but_not_what_casts_it():
+    # long held-out path 39 at 32x32: object 3, a yellow sphere, reaches frame 0 only as its shadow on the ground
+    scene_seed, _, cams = world.long_heldout_path(39, 128, 0, 32, 32)
+    first, scene = Cameras(cams.w2c[:, :1], cams.K[:, :1]), world.make_scene(scene_seed)
+    assert 3 in world.objects_shown(scene_seed, first, 32, 32)  # it changes frame 0 ...
+    assert world.objects_shown(scene_seed, first, 32, 32, shadows=False) == [0]  # ... but none of its rays hits it
+    bare = world.render_world(scene_seed, first, 32, 32, scene={**scene, "objects": []})
+    alone, labels = world.render_world(scene_seed, first, 32, 32, True, scene={**scene, "objects": [scene["objects"][3]]})
+    changed = (alone - bare).abs().amax(0) > 0  # (1, H, W)
+    assert changed.sum() > 20 and (labels[changed] == world.GROUND).all()  # only ground pixels: its shadow
+    assert (alone - bare)[:, changed].amax() < 0  # darker, nothing drawn
+    for i in range(6):  # the body-only set is within the other on any path
+        s, _, c = world.long_heldout_path(i, 8, 0, 32, 32)
+        f0 = Cameras(c.w2c[:, :1], c.K[:, :1])
+        assert set(world.objects_shown(s, f0, 32, 32, shadows=False)) <= set(world.objects_shown(s, f0, 32, 32))
+
+    kept = world.redraw_unseen(scene_seed, cams, 32, 32, invent=False)  # invents nothing
+    assert [o.get("body", True) for o in kept["objects"]] == [True, False]  # object 0 and object 3's shadow
+    assert np.array_equal(kept["objects"][1]["centre"], scene["objects"][3]["centre"])
+    truth, true_labels = world.render_world(scene_seed, cams, 32, 32, True)
+    video, labels = world.render_world(scene_seed, cams, 32, 32, True, scene=kept)
+    assert torch.equal(video[:, 0], truth[:, 0])  # frame 0 exactly, the shadow included
+    sphere = true_labels == 2 + 3  # (F, H, W) where the truth shows the sphere, later on the path
+    assert sphere.sum() > 500 and not sphere[0].any()
+    assert (labels[sphere] != 2 + 1).all() and (video - truth).abs().amax(0)[sphere].mean() > 0.3  # not drawn there
+    drawn = world.redraw_unseen(scene_seed, cams, 32, 32)  # a perfect model: the shadow says where it stands
+    assert np.array_equal(drawn["objects"][3]["centre"], scene["objects"][3]["centre"])
+    assert all(o.get("body", True) for o in drawn["objects"])
+
+
 def test_reveal_clips_turn_towards_an_object_frame_0_does_not_show():
     kinds = []
     for i in range(6):
