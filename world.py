@@ -136,7 +136,8 @@ def render_world(scene_seed, cameras, height, width, return_labels=False, supers
     Each pixel averages supersample² rays. With return_labels also (F, H, W) long labels of what
     most of each pixel sees: SKY = 0, GROUND = 1, object k = 2 + k (object 0 stands straight ahead).
     scene: a make_scene dict to render instead of scene_seed's own (redraw_unseen's); an object with
-    "body": False casts its shadow but is not drawn (what invents nothing knows of one frame 0 shows only the shadow of).
+    "body": False casts its shadow but is not drawn (all that invents nothing knows of an object frame 0 shows
+    only the shadow of).
     """
     scene = scene or make_scene(scene_seed)
     H, W = height * supersample, width * supersample

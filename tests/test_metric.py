@@ -277,10 +277,26 @@ def test_long_rollout_metric_context_oracles_hand_the_rendering_to_the_cache(tmp
     assert torch.allclose(shown["model"]["colour"], shown["shown"]["colour"], atol=1e-6)
     assert torch.allclose(shown["model"]["psnr"], shown["shown"]["psnr"], atol=1e-3)
     assert (own["model"]["psnr"] < 20).all()  # its own "frames" (noise) are far from the world
+    # --paste_unseen: the truth pasted where an object frame 0 does not show stands, the model's frames elsewhere
+    pasted = metric.long_rollout_metric(playback, codec, clips, context="shown", paste=True)
+    unseen = (clips["video"] - clips["shown"]).abs().amax(1) > metric.UNSEEN_GAP  # (N, F, H, W)
+    assert unseen[:, 0].sum() == 0 and unseen.float().mean() > 0.01  # none in frame 0; these paths meet some
+    assert torch.equal(pasted["shown"]["colour"], shown["shown"]["colour"]) and "pasted" not in shown
+    gain = shown["model"]["colour"] - pasted["pasted"]["colour"]  # the invent-nothing playback, objects pasted in
+    assert gain.min() > -1e-6 and gain.max() > 0.01  # closer to the truth wherever an object stands
+    assert pasted["pasted"]["colour"].max() < metric.UNSEEN_GAP / 2 + 1e-6  # what is left differs by < 0.1 a pixel
+    perfect = metric.long_rollout_metric(playback, codec, clips, context="truth", paste=True)
+    assert torch.equal(perfect["pasted"]["psnr"], perfect["model"]["psnr"])  # nothing to paste into the truth
+    assert torch.allclose(pasted["per_path"]["pasted"]["colour"].mean(0), pasted["pasted"]["colour"])
     out, plain = str(tmp_path / "long"), str(tmp_path / "plain")  # a row streamed otherwise than infer.py says how
     metric.long_report(metric.LongConfig(ckpts="assets/cd", clips=1, frames=8, context="shown", context_sigma=0,
                                          timesteps=(1000, 500), out=out))
     metric.long_report(metric.LongConfig(ckpts="assets/cd", clips=1, frames=8, context="shown", context_sigma=0, out=plain))
+    metric.long_report(metric.LongConfig(ckpts="assets/cd", clips=1, frames=8, paste_unseen=True,
+                                         out=str(tmp_path / "p")))
+    rows = [r.split(" | ")[0] for r in open(str(tmp_path / "p") + ".md").read().splitlines()[2:]]
+    assert rows[:2] == ["| cd", "| cd, unseen objects pasted"]  # a row beside each model's
+    assert "cd, unseen objects pasted" in json.load(open(str(tmp_path / "p") + ".json"))["per_path_segments"]
     row, plain_row = (open(p + ".md").read().splitlines()[2].split(" | ") for p in (out, plain))
     assert row[0] == "| cd, shown context, commit σ 0, timesteps 1000,500" and plain_row[0] == "| cd, shown context, commit σ 0"
     assert row[1:] != plain_row[1:]  # the two timesteps draw other frames

@@ -196,7 +196,8 @@ def test_invent_nothing_world_keeps_a_shadow_frame_0_shows_but_not_what_casts_it
     assert 3 in world.objects_shown(scene_seed, first, 32, 32)  # it changes frame 0 ...
     assert world.objects_shown(scene_seed, first, 32, 32, shadows=False) == [0]  # ... but none of its rays hits it
     bare = world.render_world(scene_seed, first, 32, 32, scene={**scene, "objects": []})
-    alone, labels = world.render_world(scene_seed, first, 32, 32, True, scene={**scene, "objects": [scene["objects"][3]]})
+    alone, labels = world.render_world(scene_seed, first, 32, 32, True,
+                                       scene={**scene, "objects": [scene["objects"][3]]})
     changed = (alone - bare).abs().amax(0) > 0  # (1, H, W)
     assert changed.sum() > 20 and (labels[changed] == world.GROUND).all()  # only ground pixels: its shadow
     assert (alone - bare)[:, changed].amax() < 0  # darker, nothing drawn
