@@ -18,6 +18,18 @@ def run(args, stdin=None, torchrun=False, timeout=600, port=29533):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, input=stdin)
 
 
+def ranks_failure(r, chars=3000):
+    """What a failed torchrun says: each rank's first error line (the one that failed first is seldom the last
+    to speak) and the tail of its stderr."""
+    first, aborts = {}, []
+    for line in r.stderr.splitlines():
+        if line.startswith("[rank") and "Error" in line:
+            first.setdefault(line.split("]")[0], line)
+        elif "terminate called" in line or "what():" in line:  # a C++ abort (SIGABRT) names no rank
+            aborts.append(line)
+    return "\n".join([*first.values(), *aborts[:4]]) + "\n...\n" + r.stderr[-chars:]
+
+
 def assert_rigid(w2c, atol=1e-5):
     R = w2c[..., :3, :3]
     eye = torch.eye(3).expand_as(R)

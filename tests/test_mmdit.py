@@ -18,7 +18,7 @@ import mmdit
 import model as M
 import prope
 
-from helpers import run
+from helpers import ranks_failure, run
 from test_model import random_cameras
 
 REF = os.path.join(os.path.dirname(__file__), "reference")
@@ -411,9 +411,9 @@ def test_fsdp_equals_ddp_and_resumes_exactly(tmp_path):
     runs = {"ddp": [], "fsdp": ["--fsdp"], "cut": ["--fsdp", "--stop_after=1"]}
     for name, extra in runs.items():
         r = run(args + extra + [f"--out_dir={tmp_path}/{name}"], torchrun=True, port=29547)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, ranks_failure(r)
     r = run(args + ["--fsdp", "--resume", f"--out_dir={tmp_path}/cut"], torchrun=True, port=29547)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, ranks_failure(r)
     losses = {n: [json.loads(l)["loss"] for l in open(f"{tmp_path}/{n}/bidir.metrics.jsonl") if '"loss"' in l]
               for n in runs}
     assert len(losses["ddp"]) == 2 and losses["ddp"][1] != losses["ddp"][0]
