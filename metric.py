@@ -285,6 +285,7 @@ SHOWN_ROW = "frame 0's objects only (invents nothing)"  # or left out (a perfect
 EXACT_DB = 40  # a segment's mean PSNR above this is shown as "> 40": frames equal to the truth have none finite
 LONG_BASELINE_ROWS = {"static": STATIC_ROW, "shown": SHOWN_ROW, "redrawn": REDRAWN_ROW}  # long_rollout_metric's keys
 LONG_PNG_CLIPS = 3  # held-out paths in `metric.py long`'s picture of frames (OUT_frames.png)
+REVEAL_CAPTIONS = ("true", "purple", "none")  # the caption as it is, every object named purple, no caption
 LONG_CONTEXTS = ("own", "truth", "shown")  # what the cache remembers: the model's frames, or an oracle's (--context)
 UNSEEN_GAP = 0.1  # where truth and the invent-nothing world differ by more (a channel, -1..1) an unseen object stands
 PASTED = ", unseen objects pasted"  # --paste_unseen: a model's row with them drawn exactly (long_rollout_metric)
@@ -296,9 +297,20 @@ def long_picks(frames):
     return picks + [frames - 1] if picks[-1] != frames - 1 else picks
 
 
-def long_clips(n, frames, height, width, text_dim, text_len, seed=0, first=0):
+def caption_text(scene_seed, caption, text_dim, text_len):
+    """(text_len, text_dim): the scene's caption as it is ("true"), with every object named purple ("purple": what
+    a model reads of the objects' colours shows as the difference), or none ("none": what caption dropout trains on)."""
+    text = world.caption(scene_seed)
+    if caption == "none":
+        return torch.zeros(text_len, text_dim)
+    if caption == "purple":
+        text = " ".join("purple" if w in world.OBJECT_COLOURS else w for w in text.split())
+    return world.text_embedding(text, text_dim, text_len)
+
+
+def long_clips(n, frames, height, width, text_dim, text_len, seed=0, first=0, caption="true"):
     """n long held-out clips (world.long_heldout_path first .. first + n - 1): the true video (n, 3, F, H, W),
-    cameras, text, and "redrawn" (n, 3, F, H, W): the same path through the scene with what frame 0 and the caption leave open
+    cameras, text (under `caption`, one of REVEAL_CAPTIONS), and "redrawn" (n, 3, F, H, W): the same path through the scene with what frame 0 and the caption leave open
     drawn again (world.redraw_unseen): what a perfect world model, which cannot know it, would show; and
     "shown" (n, 3, F, H, W): the same with it left out: a perfect model that invents nothing."""
     out = {"video": [], "w2c": [], "K": [], "text": [], "redrawn": [], "shown": []}
@@ -311,7 +323,7 @@ def long_clips(n, frames, height, width, text_dim, text_len, seed=0, first=0):
             scene_seed, cams, height, width, invent=False)))
         out["w2c"].append(cams.w2c[0])
         out["K"].append(cams.K[0])
-        out["text"].append(world.text_embedding(world.caption(scene_seed), text_dim, text_len))
+        out["text"].append(caption_text(scene_seed, caption, text_dim, text_len))
     return {k: torch.stack(v) for k, v in out.items()}
 
 
@@ -606,6 +618,8 @@ class LongConfig:
     #                       (the exact rendering: an oracle, a perfect memory) | shown (frame 0's objects only: a
     #                       perfect memory of a world that invents nothing); README, Long rollouts
     draws: int = 1  # noise draws per path, averaged: one draw of 32 paths moves a segment's colour error by up to 0.005
+    caption: str = "true"  # the text every model streams under: true | purple (every object named purple) | none;
+    #                        a row other than "true" is named by it: what the caption is worth in a long rollout
     paste_unseen: bool = False  # also each model's frames with the objects frame 0 does not show pasted in from the
     #                             truth (a row each, "NAME, unseen objects pasted"): what drawing them would be worth
     out: str = "out/long_rollout"  # writes OUT.png (curves), OUT.md (table by segment), OUT.json (per frame; segments
@@ -647,8 +661,9 @@ def streaming_sampler(path, cfg, device, guidance=1.0):
 
 def streamed_as(name, cfg):
     """A row's name, and how it was streamed where that is not infer.py's way: an oracle's memory, another
-    commit sigma, other timesteps."""
+    caption, another commit sigma, other timesteps."""
     name += f", {cfg.context} context" if cfg.context != "own" else ""
+    name += {"true": "", "purple": ", purple caption", "none": ", no caption"}[cfg.caption]
     name += f", commit σ {cfg.context_sigma:g}" if cfg.context_sigma >= 0 else ""
     return name + (f", timesteps {','.join(map(str, cfg.timesteps))}" if tuple(cfg.timesteps) != M.FEW_STEP_TIMESTEPS else "")
 
@@ -658,9 +673,10 @@ def _check_long(cfg, name):
     paths = [p for p in cfg.ckpts.split(",") if p]
     first = LONG_SEGMENTS[0][1]  # the frames the first segment of the table needs
     if (not paths or cfg.frames < first or cfg.clips < 1 or cfg.first_clip < 0 or cfg.steps < 1 or cfg.window < 1
-            or cfg.sink < 0 or cfg.draws < 1 or cfg.context not in LONG_CONTEXTS):
+            or cfg.sink < 0 or cfg.draws < 1 or cfg.context not in LONG_CONTEXTS or cfg.caption not in REVEAL_CAPTIONS):
         common.die(f"metric.py {name}: give --ckpts=A,B,...; --frames >= {first}, --clips >= 1, --first_clip >= 0, "
-                   f"--steps >= 1, --window >= 1, --sink >= 0, --draws >= 1, --context one of {'|'.join(LONG_CONTEXTS)}")
+                   f"--steps >= 1, --window >= 1, --sink >= 0, --draws >= 1, --context one of {'|'.join(LONG_CONTEXTS)}, "
+                   f"--caption one of {'|'.join(REVEAL_CAPTIONS)}")
     problem = common.timesteps_problem(cfg.timesteps)
     if problem:
         common.die(f"metric.py {name}: {problem}")
@@ -684,7 +700,7 @@ def long_report(cfg):
     for name, path in _check_long(cfg, "long").items():
         net, trained, sample = streaming_sampler(path, cfg, device)
         clips = long_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len,
-                           first=cfg.first_clip)
+                           first=cfg.first_clip, caption=cfg.caption)
         # draw d: the starting noise and the rollout's own noise both from seed d (draw 0 is the one-draw table)
         runs = [long_rollout_metric(functools.partial(sample, seed=d), data.PixelCodec(2), clips, seed=d, device=device,
                                     keep=0 if d else LONG_PNG_CLIPS, context=cfg.context, paste=cfg.paste_unseen)
@@ -726,7 +742,6 @@ def long_report(cfg):
 
 
 
-REVEAL_CAPTIONS = ("true", "purple", "none")  # the caption as it is, every object named purple, no caption
 REVEAL_PNG_CLIPS = 4  # clips in `metric.py reveal --out`'s picture
 
 
@@ -741,11 +756,8 @@ def reveal_clips(n, frames, height, width, text_dim, text_len, seed=0):
             scene_seed, cams, height, width, invent=False)))
         out["w2c"].append(cams.w2c[0])
         out["K"].append(cams.K[0])
-        text = world.caption(scene_seed)
-        purple = " ".join("purple" if w in world.OBJECT_COLOURS else w for w in text.split())
-        out["text_true"].append(world.text_embedding(text, text_dim, text_len))
-        out["text_purple"].append(world.text_embedding(purple, text_dim, text_len))
-        out["text_none"].append(torch.zeros(text_len, text_dim))  # what caption dropout trains on
+        for caption in REVEAL_CAPTIONS:
+            out[f"text_{caption}"].append(caption_text(scene_seed, caption, text_dim, text_len))
     return {k: torch.stack(v) for k, v in out.items()}
 
 
@@ -814,7 +826,7 @@ class StillConfig(LongConfig):
     out: str = ""  # OUT.md: the table, if given
 
 
-def still_clips(n, frames, height, width, text_dim, text_len, first=0):
+def still_clips(n, frames, height, width, text_dim, text_len, first=0, caption="true"):
     """The long held-out scenes first .. first + n - 1 (world.long_heldout_path's) seen from their start pose for
     `frames` frames: "first" (n, 3, H, W) the true frame 0, which every true frame equals; cameras and text as long_clips."""
     cams = load_cameras(f"x*{frames - 1}")  # (1, F): "x" stands still
@@ -822,7 +834,7 @@ def still_clips(n, frames, height, width, text_dim, text_len, first=0):
     for i in range(first, first + n):
         scene_seed = world.long_heldout_path(i, 2)[0]
         out["first"].append(world.render_world(scene_seed, Cameras(cams.w2c[:, :1], cams.K[:, :1]), height, width)[:, 0])
-        out["text"].append(world.text_embedding(world.caption(scene_seed), text_dim, text_len))
+        out["text"].append(caption_text(scene_seed, caption, text_dim, text_len))
     return {**{k: torch.stack(v) for k, v in out.items()}, "w2c": cams.w2c.expand(n, -1, -1, -1),
             "K": cams.K.expand(n, -1, -1)}
 
@@ -847,7 +859,7 @@ def still_report(cfg):
     for name, path in _check_long(cfg, "still").items():
         net, trained, sample = streaming_sampler(path, cfg, device)
         clips = still_clips(cfg.clips, cfg.frames, trained.height, trained.width, net.cfg.text_dim, trained.text_len,
-                            first=cfg.first_clip)
+                            first=cfg.first_clip, caption=cfg.caption)
         codec = data.PixelCodec(2)
         x0 = codec.encode(clips["first"][:, :, None].to(device))  # (B, C, 1, h, w)
         draws = []

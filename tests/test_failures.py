@@ -166,6 +166,7 @@ CASES = [
     (["metric.py", "long", "--ckpts={d}/dmd,{d}/dmd", "--out={d}/out/l"], "given twice"),
     (["metric.py", "long", "--ckpts=assets/bidir", "--frames=16", "--out={d}/out/l"], "give --frames <= 8"),
     (["metric.py", "long", "--context=dream", "--ckpts={d}/dmd", "--out={d}/out/l"], "--context one of own|truth|shown"),
+    (["metric.py", "long", "--caption=red", "--ckpts={d}/dmd", "--out={d}/out/l"], "--caption one of true|purple|none"),
     (["metric.py", "long", "--timesteps=500,1000", "--ckpts={d}/dmd", "--out={d}/out/l"], "--timesteps must decrease"),
     (["metric.py", "still", "--context=truth", "--ckpts={d}/dmd"], "--context is an oracle of long rollouts"),
     (["metric.py", "still", "--ckpts={d}/missing"], "no such file"),

@@ -207,6 +207,27 @@ def test_reveal_metric_a_model_that_draws_the_object_scores_the_truth_one_that_i
     assert not torch.equal(clips["text_true"], clips["text_purple"]) and clips["text_none"].abs().max() == 0
 
 
+def test_long_metric_streams_under_another_caption_where_told(tmp_path):
+    seed = world.long_heldout_path(0, 8)[0]
+    true, purple, none = (metric.caption_text(seed, c, 8, 32) for c in metric.REVEAL_CAPTIONS)
+    words = world.caption(seed).split()[:32]
+    colour = torch.tensor([w in world.OBJECT_COLOURS for w in words] + [False] * (32 - len(words)))
+    named = torch.tensor([w in world.OBJECT_COLOURS and w != "purple" for w in words] + [False] * (32 - len(words)))
+    assert colour.sum() >= 4 and named.any()  # a colour word for each of the scene's objects (4-7); the ground's kept
+    assert torch.equal(purple[~named], true[~named]) and (purple[named] != true[named]).any(-1).all()
+    at = colour.nonzero()[:, 0]  # every object now has the token "purple" at its place
+    assert torch.allclose(purple[at], torch.stack([world.text_embedding(" ".join(["x"] * i + ["purple"]), 8, 32)[i]
+                                                   for i in at.tolist()]))
+    assert none.abs().max() == 0 and torch.equal(metric.long_clips(1, 8, 16, 16, 8, 32)["text"][0], true)
+    assert torch.equal(metric.long_clips(1, 8, 16, 16, 8, 32, caption="purple")["text"][0], purple)
+    tables = []
+    for caption in ("true", "none"):  # the shipped model reads its caption: the row is named, and it draws otherwise
+        out = str(tmp_path / caption)
+        metric.long_report(metric.LongConfig(ckpts="assets/cd", clips=1, frames=8, caption=caption, out=out))
+        tables.append(open(out + ".md").read().splitlines()[2].split(" | "))
+    assert tables[0][0] == "| cd" and tables[1][0] == "| cd, no caption" and tables[0][1:] != tables[1][1:]
+
+
 def test_reveal_report_table_and_picture(tmp_path):
     from PIL import Image
     out = str(tmp_path / "reveal")
