@@ -287,6 +287,7 @@ EXACT_DB = 40  # a segment's mean PSNR above this is shown as "> 40": frames equ
 LONG_BASELINE_ROWS = {"static": STATIC_ROW, "shown": SHOWN_ROW, "redrawn": REDRAWN_ROW}  # long_rollout_metric's keys
 LONG_PNG_CLIPS = 3  # held-out paths in `metric.py long`'s picture of frames (OUT_frames.png)
 REVEAL_CAPTIONS = ("true", "purple", "none")  # the caption as it is, every object named purple, no caption
+CAPTION_ROWS = {"true": "", "purple": ", purple caption", "none": ", no caption"}  # a row streamed under each (--caption)
 LONG_CONTEXTS = ("own", "truth", "shown")  # what the cache remembers: the model's frames, or an oracle's (--context)
 UNSEEN_GAP = 0.1  # where truth and the invent-nothing world differ by more (a channel, -1..1) an unseen object stands
 PASTED = ", unseen objects pasted"  # --paste_unseen: a model's row with them drawn exactly (long_rollout_metric)
@@ -664,7 +665,7 @@ def streamed_as(name, cfg):
     """A row's name, and how it was streamed where that is not infer.py's way: an oracle's memory, another
     caption, another commit sigma, other timesteps."""
     name += f", {cfg.context} context" if cfg.context != "own" else ""
-    name += {"true": "", "purple": ", purple caption", "none": ", no caption"}[cfg.caption]
+    name += CAPTION_ROWS[cfg.caption]
     name += f", commit σ {cfg.context_sigma:g}" if cfg.context_sigma >= 0 else ""
     return name + (f", timesteps {','.join(map(str, cfg.timesteps))}" if tuple(cfg.timesteps) != M.FEW_STEP_TIMESTEPS else "")
 
