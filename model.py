@@ -87,8 +87,9 @@ class ModelConfig:
 PRESETS = {
     # The embedded world: 32x32 frames -> pixel codec x2 -> 12 x 16 x 16 latents -> 8 x 8 tokens per frame.
     "tiny": dict(),
-    # the same world with a renderer ~3x larger (README, Long rollouts: what the tiny model draws from a perfect
-    # memory is the larger part of its long-rollout colour error); 3 heads keep head_dim 64 (inline PRoPE: 32 + 32)
+    # the same world with a renderer ~3x larger (LONG_ROLLOUTS.md, "What the model's memory is worth": what the
+    # tiny model draws from a perfect memory is the larger part of its long-rollout colour error); 3 heads keep
+    # head_dim 64 (inline PRoPE: 32 + 32)
     "small": dict(dim=192, ffn_dim=768, num_heads=3, num_layers=6),
     "wan2.1-t2v-1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_channels=16,
                             out_channels=16, patch_size=(1, 2, 2), text_dim=4096, freq_dim=256, eps=1e-6,
@@ -248,8 +249,8 @@ def teacher_forcing_block_mask(frames, chunk, tokens_per_frame, device, sink=0, 
 
 # the streaming cache of infer.py and the long-rollout metric: latent frames kept as sink and as the recent window.
 # A sink of 2 keeps frame 0 and the first generated frame (the tiny model's whole first chunk): with it a long
-# rollout of the shipped dmd keeps its colours better than with frame 0 alone (README, Long rollouts), although
-# the chain trained with TRAIN_SINK
+# rollout of the shipped dmd keeps its colours better than with frame 0 alone (LONG_ROLLOUTS.md, "The sink of 2
+# is now the streaming default"), although the chain trained with TRAIN_SINK
 STREAM_SINK, STREAM_WINDOW = 2, 8
 TRAIN_SINK = 1  # Stage 1's teacher forcing and Stage 3's self-rollouts keep frame 0 alone (the shipped chain's recipe)
 
@@ -679,7 +680,7 @@ def commit(model, cache, x0, start, context, cameras=None, cond=None, generator=
     A model trained with noisy context (cfg.context_sigma > 0) gets it noised to that sigma, t = 1000 sigma,
     as it saw its context in training; the sink frames stay clean (frame 0, the given image, and with the
     streaming sink of 2 the first generated frame: clean, it kept a long rollout's colours better than at
-    context_sigma; README, Long rollouts)."""
+    context_sigma; LONG_ROLLOUTS.md, "The sink of 2 is now the streaming default")."""
     B, f = x0.shape[0], x0.shape[2]
     level, t = getattr(model.cfg, "context_sigma", 0.0), timestep(0.0, B, x0.device)
     if level > 0:

@@ -8,7 +8,7 @@ preset (inline PRoPE: projective and RoPE channels share one attention).
     python train_bidir.py                          # tiny model on the procedural world (idle 2-core CPU, ~100 min)
     python train_bidir.py --quick                  # smoke size
     python train_bidir.py --init=out/bidir --frames=16 --lr=3e-4 --min_lr=1e-4 --warmup=50 --max_steps=3000
-                                                   # Phase 1 continued on 16-frame clips (README, Long rollouts)
+                                                   # Phase 1 continued on 16-frame clips (LONG_ROLLOUTS.md)
     torchrun --nproc_per_node=8 train_bidir.py --init=Wan2.1-T2V-1.3B/ --data=cache/ --preset=wan2.1-t2v-1.3b
     python train_bidir.py --preset=tiny-mmdit       # the HunyuanVideo-1.5-style MMDiT (mmdit.py) on the same world
     torchrun --nproc_per_node=8 train_bidir.py --init=HunyuanVideo-1.5/transformer/ --data=cache/ --fsdp
@@ -36,7 +36,7 @@ class Config(common.StageConfig):
     # the wall time (8k steps of batch 4 beat 10.4k of batch 8 here; README, Phase 1)
     batch_size: int = 4
     # 17,000: the 9,000 of the first default left control and colour still climbing; one schedule of 17,000 gave
-    # every later stage a larger margin and truer colours (README, Long rollouts: "One schedule of 17,000 steps")
+    # every later stage a larger margin and truer colours (LONG_ROLLOUTS.md, "One schedule of 17,000 steps")
     max_steps: int = 17000
     lr: float = 1e-3
     min_lr: float = 3e-4

@@ -116,8 +116,8 @@ def test_real_shapes_on_meta():
 
 
 def test_toy_presets_on_meta():
-    # the embedded world's two sizes: tiny (the shipped chain) and small (~3.2x the parameters; README, Long
-    # rollouts); both have 64-wide heads, half of each head's channels under inline PRoPE
+    # the embedded world's two sizes: tiny (the shipped chain) and small (~3.2x the parameters;
+    # LONG_ROLLOUTS.md); both have 64-wide heads, half of each head's channels under inline PRoPE
     counts = {}
     for name in ("tiny", "small"):
         cfg = M.make_config(name)
