@@ -34,7 +34,6 @@ optional keywords `context_2` and `image_embeds` (absent = HY1.5's masked-out to
 """
 import functools
 import math
-import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -671,14 +670,7 @@ _DIFFUSERS_TO_HY = [
 def diffusers_to_hy(sd):
     """A diffusers HunyuanVideo15Transformer3DModel state dict -> original HY1.5 names (keys it does not
     know pass through unchanged, e.g. WorldPlay's action_in / img_attn_prope_proj)."""
-    out = {}
-    for k, v in sd.items():
-        for pat, rep in _DIFFUSERS_TO_HY:
-            k2 = re.sub(pat, rep, k)
-            if k2 != k:
-                k = k2
-                break
-        out[k] = v
+    out = M.rename_keys(sd, _DIFFUSERS_TO_HY)
     for k in [k for k in out if ".self_attn_qkv.q." in k]:  # the refiner's fused qkv: rows q | k | v
         stem, leaf = k.split(".self_attn_qkv.q.")
         parts = [out.pop(f"{stem}.self_attn_qkv.{p}.{leaf}") for p in "qkv"]

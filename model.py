@@ -811,16 +811,23 @@ _OTHER_ARCHS = [
 ]
 
 
-def diffusers_to_wan(sd):
+def rename_keys(sd, table):
+    """A state dict with each key renamed by the first (pattern, replacement) of `table` that matches it
+    (keys no pattern matches pass through unchanged)."""
     out = {}
     for k, v in sd.items():
-        for pat, rep in _DIFFUSERS_TO_WAN:
+        for pat, rep in table:
             k2 = re.sub(pat, rep, k)
             if k2 != k:
                 k = k2
                 break
         out[k] = v
     return out
+
+
+def diffusers_to_wan(sd):
+    """A diffusers WanTransformer3DModel state dict -> original Wan2.1 names."""
+    return rename_keys(sd, _DIFFUSERS_TO_WAN)
 
 
 def _read_safetensors(path):
