@@ -37,7 +37,9 @@ class Config(common.StageConfig):
     wander: bool = True  # long clips on wandering paths that stay in the scene (world.long_actions)
     batch_size: int = 4  # 24-frame clips: 3 times the tokens of an 8-frame one
     eval_frames: int = 8  # the control metric on the 8-frame held-out clips every stage shares
-    max_steps: int = 600  # the shipped chain (README, Results); ~45 min on 2 CPU cores
+    max_steps: int = 600  # the shipped chain (README, Results); ~20-45 min on 2 CPU cores. Not more: at 2400 the
+    #                       first frames are better but long rollouts drift more (LONG_ROLLOUTS.md, Stage 1 trained
+    #                       four times as long)
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup: int = 50
